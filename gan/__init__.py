@@ -1,0 +1,1 @@
+"""GAN models, data, losses, metrics and the training loop. Runs without Ray."""

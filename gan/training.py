@@ -1,0 +1,327 @@
+"""The training loop: one function runs one trial from a TrialConfig.
+
+Everything outside the loop (Ray Tune, Parquet, CLIs) talks to it through `report`:
+it is called after every evaluation with the metrics and the directory of a full
+checkpoint, and the loop resumes bit-for-bit from such a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torchvision.utils
+
+from gan import losses
+from gan.config import TrialConfig, variant_defaults
+from gan.data import PreparedDataset, prepare_dataset
+from gan.metrics import Evaluator, to_uint8
+from gan.models import build_models
+
+CHECKPOINT_FILE = "checkpoint.pt"
+GRID_NOISE_SEED = 20_240_601  # the same grid noise for every trial, so grids compare like for like
+DIVERGENCE_CHECK_STEPS = 16  # read the finite-loss flag every this many steps (one host sync)
+# The generator collapsed when its samples differ from each other by less than this fraction of
+# their magnitude (relative: an untrained generator's outputs are all near 0, yet still distinct).
+COLLAPSE_RATIO = 1e-3
+
+ReportFn = Callable[[dict[str, Any], "str | None"], None]
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | diverged
+    kimg: float
+    metrics: dict[str, Any]  # the last evaluation's metrics (the last good one if diverged)
+    best_fid: float | None
+    reason: str = ""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _Batches:
+    """Epochs of the uint8 training split held on the device, batched by indexing:
+    no DataLoader, no decode, one device copy for the whole run."""
+
+    def __init__(self, images: np.ndarray, batch_size: int, device: torch.device, seed: int):
+        if len(images) < batch_size:
+            raise ValueError(f"training split has {len(images)} images, fewer than batch_size={batch_size}")
+        self.images = torch.from_numpy(images).to(device)
+        self.batch_size = batch_size
+        self.rng = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(len(images), generator=self.rng)
+        self.pos = 0
+
+    def next(self, memory_format: torch.memory_format) -> torch.Tensor:
+        if self.pos + self.batch_size > len(self.perm):  # drop the ragged tail, reshuffle
+            self.perm = torch.randperm(len(self.perm), generator=self.rng)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.batch_size].to(self.images.device, non_blocking=True)
+        self.pos += self.batch_size
+        batch = self.images.index_select(0, idx).float().div_(127.5).sub_(1.0)
+        return batch.contiguous(memory_format=memory_format)
+
+    def state(self) -> dict[str, Any]:
+        return {"rng": self.rng.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.rng.set_state(state["rng"])
+        self.perm = state["perm"]
+        self.pos = int(state["pos"])
+
+
+def training_loop(
+    cfg: TrialConfig,
+    run_dir: str | os.PathLike,
+    report: ReportFn | None = None,
+    resume_from: str | os.PathLike | None = None,
+    dataset: PreparedDataset | None = None,
+) -> TrainResult:
+    """Train cfg's model for cfg.train.kimg thousand real images, evaluating every
+    cfg.eval.every_kimg. `resume_from` is a checkpoint directory (or file) written by an
+    earlier call. Returns the final status; a diverged trial ends with status 'diverged'."""
+    run_dir = Path(run_dir)
+    (run_dir / "grids").mkdir(parents=True, exist_ok=True)
+    (run_dir / "options.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    tc, ec, mc = cfg.train, cfg.eval, cfg.model
+    opt_defaults = variant_defaults(mc.variant)
+    beta1 = tc.beta1 if tc.beta1 is not None else opt_defaults["beta1"]
+    beta2 = tc.beta2 if tc.beta2 is not None else opt_defaults["beta2"]
+    d_steps = int(tc.d_steps if tc.d_steps is not None else opt_defaults["d_steps"])
+
+    device = pick_device(tc.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(tc.seed)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    memory_format = torch.channels_last if (cuda and tc.channels_last) else torch.contiguous_format
+    amp = cuda and tc.amp
+
+    dataset = dataset if dataset is not None else prepare_dataset(cfg.data)
+    batches = _Batches(dataset.split("train"), tc.batch_size, device, seed=tc.seed)
+    evaluator = Evaluator(
+        dataset.split(ec.fid_split),
+        dataset_key=dataset.key,
+        split=ec.fid_split,
+        extractor=ec.extractor,
+        weights_path=ec.weights_path,
+        device=device,
+        kid=ec.kid,
+    )
+
+    models = build_models(mc)
+    for m in models.values():
+        m.to(device=device, memory_format=memory_format)
+    G, D, E = models["G"], models["D"], models.get("E")
+    fused = cuda  # fused Adam: one kernel per step instead of one per parameter
+    opt_d = torch.optim.Adam(D.parameters(), lr=tc.lr_d, betas=(beta1, beta2), fused=fused)
+    g_params = list(G.parameters()) + (list(E.parameters()) if E is not None else [])
+    opt_g = torch.optim.Adam(g_params, lr=tc.lr_g, betas=(beta1, beta2), fused=fused)
+    # Training runs through (optionally) compiled wrappers; state is saved from the originals.
+    Gc, Dc, Ec = (torch.compile(m) if (tc.compile and cuda and m is not None) else m for m in (G, D, E))
+
+    grid_z = torch.randn(ec.grid_size**2, mc.nz, generator=torch.Generator().manual_seed(GRID_NOISE_SEED)).to(device)
+    state = {"images_shown": 0, "step": 0, "wall_s": 0.0, "evals": 0, "best_fid": None, "last_metrics": {}}
+    if resume_from is not None:
+        _load_checkpoint(Path(resume_from), models, opt_d, opt_g, batches, state, device)
+
+    budget = int(round(tc.kimg * 1000))
+    every = int(round(ec.every_kimg * 1000))
+    next_eval = min(budget, (state["images_shown"] // every + 1) * every)
+    loss_sums: dict[str, torch.Tensor] = {}
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    steps_since_report = 0
+    t_train = time.perf_counter()
+    train_seconds = 0.0
+    images_since_report = 0
+    t_wall0 = time.perf_counter() - state["wall_s"]
+
+    def accumulate(out: dict[str, torch.Tensor]) -> None:
+        nonlocal finite
+        for k, v in out.items():
+            v = v.detach().float()
+            finite = finite & torch.isfinite(v)
+            loss_sums[k] = loss_sums[k] + v if k in loss_sums else v.clone()
+
+    def noise(n: int) -> torch.Tensor:
+        return torch.randn(n, mc.nz, device=device)
+
+    while state["images_shown"] < budget:
+        G.train(); D.train()
+        if E is not None:
+            E.train()
+        for _ in range(d_steps):
+            real = batches.next(memory_format)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                if mc.variant == "wgan":
+                    out = losses.wgan_d_loss(Gc, Dc, real, noise(len(real)), tc.gp_weight)
+                elif mc.variant == "vae-gan":
+                    out = losses.vaegan_d_loss(Ec, Gc, Dc, real, noise(len(real)))
+                else:
+                    out = losses.dcgan_d_loss(Gc, Dc, real, noise(len(real)))
+            opt_d.zero_grad(set_to_none=True)
+            out["loss_d"].backward()
+            opt_d.step()
+            accumulate(out)
+            state["images_shown"] += len(real)
+            images_since_report += len(real)
+
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            if mc.variant == "wgan":
+                out = losses.wgan_g_loss(Gc, Dc, noise(tc.batch_size))
+            elif mc.variant == "vae-gan":
+                out = losses.vaegan_eg_losses(
+                    Ec, Gc, Dc, real, noise(len(real)), tc.recon_weight, tc.kl_weight
+                )
+            else:
+                out = losses.dcgan_g_loss(Gc, Dc, noise(tc.batch_size))
+        opt_g.zero_grad(set_to_none=True)
+        if E is not None:  # each loss trains only its own network (Larsen et al. 2016)
+            out["loss_e"].backward(inputs=list(E.parameters()), retain_graph=True)
+            out["loss_g"].backward(inputs=list(G.parameters()))
+        else:
+            out["loss_g"].backward()
+        opt_g.step()
+        accumulate(out)
+        state["step"] += 1
+        steps_since_report += 1
+
+        if state["step"] % DIVERGENCE_CHECK_STEPS == 0 and not bool(finite):
+            return _diverged(state, "non-finite loss")
+        if state["images_shown"] < next_eval:
+            continue
+
+        # ---- evaluation: read losses (one host sync), FID, grid, checkpoint, report
+        if not bool(finite):
+            return _diverged(state, "non-finite loss")
+        if cuda:
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - t_train
+        kimg = state["images_shown"] / 1000
+        final = state["images_shown"] >= budget
+        G.eval()
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            grid = G(grid_z).float()
+        if grid.std(dim=0).mean().item() <= COLLAPSE_RATIO * grid.abs().mean().item():
+            return _diverged(state, "generator collapsed: every sample is the same image")
+        torchvision.utils.save_image((grid + 1) / 2, run_dir / "grids" / f"grid-kimg{kimg:09.3f}.png", nrow=ec.grid_size)
+        eval_gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + state["evals"])
+
+        def sample(n: int) -> torch.Tensor:
+            z = torch.randn(n, mc.nz, device=device, generator=eval_gen)
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                return to_uint8(G(z).float())
+
+        n_samples = ec.final_fid_samples if final else ec.fid_samples
+        with _exact_float32():  # FID comparable across machines: no TF32 in the extractor
+            scores = evaluator.evaluate(sample, n_samples, kid=ec.kid)
+        metrics: dict[str, Any] = {
+            "kimg": kimg,
+            **scores,
+            **{k: (v / steps_since_report).item() for k, v in loss_sums.items()},
+            "images_per_s": images_since_report / max(train_seconds, 1e-9),
+            "wall_s": time.perf_counter() - t_wall0,
+            "final": final,
+        }
+        if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+            return _diverged(state, "non-finite metric")
+        state["evals"] += 1
+        state["wall_s"] = metrics["wall_s"]
+        if state["best_fid"] is None or metrics["fid"] < state["best_fid"]:
+            state["best_fid"] = metrics["fid"]
+        metrics["best_fid"] = state["best_fid"]
+        metrics["grid_path"] = str(run_dir / "grids" / f"grid-kimg{kimg:09.3f}.png")
+        state["last_metrics"] = metrics
+        with open(run_dir / "stats.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        ckpt_dir = _save_checkpoint(run_dir, cfg, models, opt_d, opt_g, batches, state)
+        if report is not None:
+            report(metrics, str(ckpt_dir))
+        loss_sums.clear()
+        steps_since_report = images_since_report = 0
+        train_seconds = 0.0
+        next_eval = min(budget, next_eval + every)
+        t_train = time.perf_counter()
+
+    return TrainResult("completed", state["images_shown"] / 1000, state["last_metrics"], state["best_fid"])
+
+
+@contextlib.contextmanager
+def _exact_float32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _diverged(state: dict[str, Any], reason: str) -> TrainResult:
+    """End the trial with its last good metrics; garbage numbers are never reported."""
+    return TrainResult("diverged", state["images_shown"] / 1000, state["last_metrics"], state["best_fid"], reason)
+
+
+def _save_checkpoint(run_dir, cfg, models, opt_d, opt_g, batches, state) -> Path:
+    """Write the full state to run_dir/checkpoint/ atomically (temp dir, then rename)."""
+    payload = {
+        "models": {name: m.state_dict() for name, m in models.items()},
+        "opt_d": opt_d.state_dict(),
+        "opt_g": opt_g.state_dict(),
+        "batches": batches.state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "state": json.dumps(state),
+        "config": json.dumps(cfg.to_dict()),
+    }
+    final = run_dir / "checkpoint"
+    tmp = run_dir / f".checkpoint-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(payload, tmp / CHECKPOINT_FILE)
+    old = run_dir / f".checkpoint-{os.getpid()}.old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(path: Path, models, opt_d, opt_g, batches, state, device) -> None:
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    payload = torch.load(file, map_location=device, weights_only=True)  # never unpickles code
+    for name, m in models.items():
+        m.load_state_dict(payload["models"][name])
+    opt_d.load_state_dict(payload["opt_d"])
+    opt_g.load_state_dict(payload["opt_g"])
+    batches_state = payload["batches"]
+    batches_state["rng"] = batches_state["rng"].cpu()
+    batches_state["perm"] = batches_state["perm"].cpu()
+    batches.load_state(batches_state)
+    torch.set_rng_state(payload["torch_rng"].cpu())
+    if payload["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng"]])
+    state.update(json.loads(payload["state"]))
+
+
+def load_trial_config(checkpoint: str | os.PathLike) -> TrialConfig:
+    """The config a checkpoint was trained with (for sampling scripts and reports)."""
+    path = Path(checkpoint)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    payload = torch.load(file, map_location="cpu", weights_only=True)
+    return TrialConfig.from_dict(json.loads(payload["config"]))
+
+

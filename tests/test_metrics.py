@@ -1,0 +1,198 @@
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+import gan.metrics as metrics
+from gan.metrics import (
+    TINY_CONV,
+    Evaluator,
+    ExtractorUnavailable,
+    TinyConvExtractor,
+    build_extractor,
+    fid_between,
+    real_stats_path,
+    to_uint8,
+)
+
+SIZE = 32
+
+
+def dark_noise(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 64, (n, 3, SIZE, SIZE), dtype=np.uint8)
+
+
+def bright_smooth(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0.0, 1.0, SIZE)[None, None, None, :]
+    base = rng.uniform(180, 220, (n, 3, 1, 1))
+    return (base + 35 * ramp).astype(np.uint8).repeat(SIZE, axis=2)
+
+
+def sampler(images: np.ndarray, calls: list[int] | None = None):
+    """sample_fn drawing successive images from `images`, recording requested batch sizes."""
+    position = 0
+
+    def sample(n: int) -> torch.Tensor:
+        nonlocal position
+        if calls is not None:
+            calls.append(n)
+        batch = torch.from_numpy(images[position : position + n])
+        position += n
+        return batch
+
+    return sample
+
+
+def evaluator(tmp_path, real: np.ndarray, **kwargs) -> Evaluator:
+    kwargs = {"dataset_key": "synthetic", "split": "train", "extractor": TINY_CONV, **kwargs}
+    return Evaluator(real, cache_dir=str(tmp_path), **kwargs)
+
+
+def count_extractions(monkeypatch) -> list[int]:
+    """Record how many images each feature-extraction pass sees."""
+    seen: list[int] = []
+    original = metrics._extract
+
+    def counting(module, batches, device):
+        features = original(module, batches, device)
+        seen.append(len(next(iter(features.values()))))
+        return features
+
+    monkeypatch.setattr(metrics, "_extract", counting)
+    return seen
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    images = dark_noise(200, seed=0)
+    assert abs(fid_between(images, images, TINY_CONV)) < 1e-3
+
+
+def test_fid_separates_different_distributions_from_halves_of_one():
+    same = dark_noise(400, seed=0)
+    halves = fid_between(same[:200], same[200:], TINY_CONV)
+    different = fid_between(same[:200], bright_smooth(200, seed=1), TINY_CONV)
+    assert different > 5.0
+    assert halves < different / 20
+
+
+def test_tiny_conv_is_registered_and_deterministic():
+    assert FEATURE_EXTRACTORS_REGISTRY[TINY_CONV] is TinyConvExtractor
+    images = torch.from_numpy(dark_noise(4, seed=0))
+    first = build_extractor(TINY_CONV)(images)
+    second = build_extractor(TINY_CONV)(images)
+    assert [f.shape for f in first] == [(4, 128), (4, 10)]  # FID/KID feature, IS logits
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_evaluate_returns_documented_keys(tmp_path):
+    real = dark_noise(120, seed=0)
+    calls: list[int] = []
+    result = evaluator(tmp_path, real, batch_size=32).evaluate(sampler(dark_noise(100, seed=1), calls), 100)
+    assert set(result) == {"fid", "is_mean", "is_std", "extractor", "fid_samples", "eval_seconds"}
+    assert result["extractor"] == TINY_CONV
+    assert result["fid_samples"] == 100
+    assert calls == [32, 32, 32, 4]
+    assert result["is_mean"] > 0 and result["is_std"] >= 0
+    assert result["eval_seconds"] >= 0
+    assert all(isinstance(result[k], float) for k in ("fid", "is_mean", "is_std", "eval_seconds"))
+
+
+def test_evaluate_with_kid_adds_kid_keys_with_subset_no_larger_than_the_sets(tmp_path):
+    real = dark_noise(60, seed=0)  # fewer real images than KID's usual subset of 1000
+    result = evaluator(tmp_path, real, kid=True).evaluate(sampler(dark_noise(50, seed=1)), 50, kid=True)
+    assert {"kid_mean", "kid_std"} <= set(result)
+    assert np.isfinite(result["kid_mean"]) and np.isfinite(result["kid_std"])
+
+
+def test_evaluate_ranks_real_like_samples_above_different_ones(tmp_path):
+    ev = evaluator(tmp_path, dark_noise(200, seed=0), kid=True)
+    close = ev.evaluate(sampler(dark_noise(100, seed=1)), 100, kid=True)
+    far = ev.evaluate(sampler(bright_smooth(100, seed=1)), 100, kid=True)
+    assert close["fid"] < far["fid"] / 20
+    assert close["kid_mean"] < far["kid_mean"]
+
+
+def test_evaluate_rejects_float_samples_with_a_hint(tmp_path):
+    ev = evaluator(tmp_path, dark_noise(20, seed=0))
+    with pytest.raises(ValueError, match="to_uint8"):
+        ev.evaluate(lambda n: torch.zeros(n, 3, SIZE, SIZE), 20)
+
+
+def test_real_statistics_are_cached_per_split(tmp_path, monkeypatch):
+    real = dark_noise(100, seed=0)
+    extractions = count_extractions(monkeypatch)
+    first = evaluator(tmp_path, real)
+    assert first.stats_path.is_file() and extractions == [100]
+    second = evaluator(tmp_path, real)
+    assert extractions == [100]  # cache hit: real images not run through the extractor again
+    assert second.stats_path == first.stats_path
+    samples = dark_noise(50, seed=1)
+    assert second.evaluate(sampler(samples), 50)["fid"] == first.evaluate(sampler(samples), 50)["fid"]
+    other_split = evaluator(tmp_path, real, split="val")
+    assert other_split.stats_path != first.stats_path and extractions[-1] == 100
+    assert not list(first.stats_path.parent.glob("*.tmp"))  # atomic writes leave no partial files
+
+
+def test_cache_key_separates_extractor_split_and_image_size(tmp_path):
+    def path(**changes):
+        key = {"dataset_key": "anime", "split": "train", "real_shape": (100, 3, 64, 64), "extractor": TINY_CONV}
+        return real_stats_path(str(tmp_path), **{**key, **changes})
+
+    base = path()
+    assert base.parent == tmp_path / "fid-stats"
+    others = [path(extractor="inception-v3-compat"), path(split="val"), path(real_shape=(100, 3, 32, 32))]
+    assert len({base, *others}) == 4
+    assert path(dataset_key="a/b").parent == base.parent  # keys cannot escape the cache directory
+
+
+def test_kid_features_cache_gives_the_same_kid(tmp_path, monkeypatch):
+    real, samples = dark_noise(80, seed=0), dark_noise(40, seed=1)
+    fresh = evaluator(tmp_path, real, kid=True).evaluate(sampler(samples), 40, kid=True)
+    extractions = count_extractions(monkeypatch)
+    cached = evaluator(tmp_path, real, kid=True).evaluate(sampler(samples), 40, kid=True)
+    assert extractions == [40]  # only the generated samples
+    assert cached["kid_mean"] == fresh["kid_mean"]
+
+
+def test_unknown_extractor_lists_valid_names():
+    with pytest.raises(ValueError, match="inception-v3-compat.*tiny-conv"):
+        fid_between(dark_noise(4, 0), dark_noise(4, 1), "resnet")
+
+
+def test_missing_weights_file_is_named(monkeypatch, tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(ExtractorUnavailable, match=str(missing)):
+        build_extractor("inception-v3-compat", weights_path=str(missing))
+    monkeypatch.setenv("GAN_INCEPTION_WEIGHTS", str(missing))
+    with pytest.raises(ExtractorUnavailable, match=f"{missing}.*GAN_INCEPTION_WEIGHTS"):
+        build_extractor("inception-v3-compat")
+
+
+def test_inception_download_that_stalls_fails_fast_with_instructions(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached weights
+    monkeypatch.delenv("GAN_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(metrics, "DOWNLOAD_SOCKET_TIMEOUT_S", 0.5)
+    with socket.socket() as server:  # accepts connections (kernel backlog) but never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setattr(tf_inception, "URL_INCEPTION_V3", f"http://127.0.0.1:{port}/weights.pth")
+        start = time.perf_counter()
+        with pytest.raises(ExtractorUnavailable) as error:
+            evaluator(tmp_path, dark_noise(4, 0), extractor="inception-v3-compat")
+    assert time.perf_counter() - start < 5
+    message = str(error.value)
+    assert "GAN_INCEPTION_WEIGHTS" in message and "tiny-conv" in message
+    assert metrics.URL_INCEPTION_V3 in message  # the real download URL, to fetch elsewhere
+
+
+def test_to_uint8_rounds_and_clamps():
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0])
+    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]
+    assert to_uint8(x).dtype == torch.uint8

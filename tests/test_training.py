@@ -1,0 +1,77 @@
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from gan.config import DataConfig, EvalConfig, ModelConfig, TrainConfig, TrialConfig
+from gan.data import prepare_dataset
+from gan.models import build_models
+from gan.training import training_loop
+
+
+def tiny_config(variant: str, path=None, kimg=0.4, **train) -> TrialConfig:
+    return TrialConfig(
+        model=ModelConfig(variant=variant, g_widths=(32, 16, 8, 8), d_widths=(8, 16, 16, 32), heads=2),
+        data=DataConfig(path=None if path is None else str(path), synthetic_count=300),
+        train=TrainConfig(kimg=kimg, batch_size=20, seed=0, **train),
+        eval=EvalConfig(every_kimg=0.2, fid_samples=100, final_fid_samples=120, extractor="tiny-conv", grid_size=4),
+    )
+
+
+def test_short_run_on_real_faces_trains_evaluates_and_saves(anime_subset, tmp_path):
+    cfg = tiny_config("use-cmhsa-gan", anime_subset)
+    dataset = prepare_dataset(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    g_before = {k: v.clone() for k, v in build_models(cfg.model)["G"].state_dict().items()}
+    reports = []
+    result = training_loop(cfg, tmp_path, lambda m, c: reports.append((m, c)), dataset=dataset)
+
+    assert result.status == "completed"
+    assert [round(m["kimg"], 3) for m, _ in reports] == [0.2, 0.4]
+    first, last = reports[0][0], reports[-1][0]
+    for m, _ in reports:
+        assert math.isfinite(m["loss_d"]) and math.isfinite(m["loss_g"]) and math.isfinite(m["fid"])
+        assert m["extractor"] == "tiny-conv" and m["images_per_s"] > 0
+    assert first["fid_samples"] == 100 and not first["final"]
+    assert last["fid_samples"] == 120 and last["final"]
+
+    ckpt = torch.load(tmp_path / "checkpoint" / "checkpoint.pt", weights_only=True)
+    g_after = ckpt["models"]["G"]
+    assert any(not torch.equal(g_before[k], g_after[k]) for k in g_before if g_before[k].is_floating_point())
+    grids = sorted((tmp_path / "grids").glob("*.png"))
+    assert len(grids) == 2 and last["grid_path"] == str(grids[-1])
+    lines = (tmp_path / "stats.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kimg"] for line in lines] == [m["kimg"] for m, _ in reports]
+    assert json.loads((tmp_path / "options.json").read_text())["model"]["variant"] == "use-cmhsa-gan"
+
+
+@pytest.mark.parametrize("variant", ["dcgan", "wgan", "vae-gan"])
+def test_resume_from_checkpoint_gives_bit_identical_losses(variant, tmp_path):
+    cfg = tiny_config(variant)
+    dataset = prepare_dataset(cfg.data)
+    saved = tmp_path / "saved-after-first-eval"
+    straight = []
+
+    def report(metrics, checkpoint_dir):
+        straight.append(metrics)
+        if len(straight) == 1:
+            shutil.copytree(checkpoint_dir, saved)
+
+    training_loop(cfg, tmp_path / "straight", report, dataset=dataset)
+    resumed = []
+    training_loop(cfg, tmp_path / "resumed", lambda m, c: resumed.append(m), resume_from=saved, dataset=dataset)
+
+    assert len(straight) == 2 and len(resumed) == 1
+    for key in ("kimg", "loss_d", "loss_g", "fid"):
+        assert resumed[0][key] == straight[1][key], key
+
+
+def test_non_finite_loss_ends_trial_as_diverged(tmp_path):
+    cfg = tiny_config("dcgan", lr_d=1e30, lr_g=1e30)
+    reports = []
+    result = training_loop(cfg, tmp_path, lambda m, c: reports.append(m))
+    assert result.status == "diverged"
+    assert result.reason
+    assert all(math.isfinite(m["fid"]) for m in reports)  # nothing garbage was reported
