@@ -135,7 +135,10 @@ def test_an_autoscaling_gpu_worker_type_exists(path: Path) -> None:
     assert gpu_types, f"{path.name}: no worker type both declares and provides a GPU"
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIG_PATHS if load(p)["provider"]["type"] == "gcp"], ids=lambda p: p.name)
+GCP_CONFIG_PATHS = [p for p in CONFIG_PATHS if load(p)["provider"]["type"] == "gcp"]
+
+
+@pytest.mark.parametrize("path", GCP_CONFIG_PATHS, ids=lambda p: p.name)
 def test_gcp_gpu_vms_terminate_on_host_maintenance(path: Path) -> None:
     for name, node_type in worker_types(load(path)).items():
         if provides_gpus("gcp", node_type["node_config"]):

@@ -1,0 +1,424 @@
+"""`orchestrator report`: one self-contained HTML page that summarises a sweep.
+
+Everything the page shows lives inside the file: the FID curves and the sample grids
+are PNGs embedded as base64 data URIs and the CSS is inline, so the page opens
+offline, from a mail attachment or on a laptop that has no copy of the results.
+A few lines of inline script record on <body> how many images the browser decoded
+(data-images-ok / data-images-total), so anyone can check the page in a real browser.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from orchestrator.leaderboard import LeaderboardError, group_trials, load_trials, parameter_names, rank_trials
+from orchestrator.results import EVALUATIONS_FILE, TRIALS_FILE
+
+REPORT_FILE = "report.html"
+SWEEP_FILE = "sweep.yaml"
+# gan.metrics.TINY_CONV; not imported from there because gan.metrics loads torch.
+TINY_CONV = "tiny-conv"
+HEADER_STATUSES = ("completed", "stopped_early", "diverged", "error", "running")
+LOG_SCALE_RATIO = 10.0  # a y range wider than this is drawn on a log axis
+MAX_LEGEND_GROUPS = 20
+GRID_KIMG = re.compile(r"grid-kimg(\d+(?:\.\d+)?)\.png$")
+
+# How each status draws its curve: line style, marker at the last point, marker size, legend text.
+CURVE_STYLE: dict[str, tuple[str, str, float, str]] = {
+    "completed": ("-", "o", 4, "completed (dot at the end)"),
+    "running": ("-", ">", 6, "running / pending (arrow: latest)"),
+    "stopped_early": ("--", "x", 9, "stopped early by ASHA (dashed, x)"),
+    "diverged": (":", "*", 12, "diverged (dotted, star)"),
+    "error": (":", "s", 7, "error (dotted, square)"),
+}
+
+CSS = """
+*{box-sizing:border-box}
+body{margin:0;background:#f5f6f8;color:#1d2430;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif}
+main{max-width:1200px;margin:0 auto;padding:18px 24px 48px}
+h1{font-size:23px;margin:4px 0 2px}
+h2{font-size:17px;margin:30px 0 10px;padding-bottom:4px;border-bottom:1px solid #d5dae1}
+h3{font-size:14px;margin:14px 0 4px;color:#3b4654}
+p{margin:6px 0}
+nav a{margin-right:14px;color:#2457a6;text-decoration:none}
+.muted{color:#5f6b7a}
+.facts{display:grid;grid-template-columns:max-content 1fr;gap:3px 18px;margin:12px 0;background:#fff;padding:10px 14px;border:1px solid #e3e7ec;border-radius:6px}
+.facts dt{color:#5f6b7a}.facts dd{margin:0}
+.warn{margin:12px 0;padding:9px 14px;background:#fff4db;border-left:5px solid #d98c00;border-radius:4px}
+.note{margin:8px 0;padding:6px 12px;background:#eef2f7;border-radius:4px}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;background:#fff;margin:4px 0 10px;font-variant-numeric:tabular-nums;border:1px solid #e3e7ec}
+th,td{padding:4px 10px;border-bottom:1px solid #e8ebef;text-align:left;white-space:nowrap}
+th{background:#eef1f5;font-weight:600;font-size:13px}
+td.num{text-align:right}
+tbody tr:nth-child(even){background:#fafbfc}
+tbody tr.first{font-weight:600}
+.badge{display:inline-block;padding:0 7px;border-radius:9px;font-size:12px;background:#e9ecf0}
+.s-completed{background:#dff3e5;color:#15632d}.s-stopped_early{background:#fff0d2;color:#875600}
+.s-diverged{background:#fde0df;color:#a11d1a}.s-error{background:#f2ddf6;color:#74208a}
+.s-running,.s-pending{background:#e0eafa;color:#1f4f9e}
+figure{margin:0;background:#fff;padding:8px;border:1px solid #e3e7ec;border-radius:6px}
+figure img{display:block;max-width:100%;height:auto}
+figcaption{font-size:12.5px;margin-top:6px}
+.grids{display:grid;grid-template-columns:repeat(auto-fill,minmax(270px,1fr));gap:14px}
+pre{background:#15202b;color:#e6edf3;padding:12px 14px;border-radius:6px;overflow:auto;font-size:12.5px;line-height:1.4}
+"""
+
+IMAGE_CHECK_JS = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesOk = images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+});
+"""
+
+
+def write_report(sweep_dir: Path, out: Path | None = None, *, group_by: list[str] | None = None, top: int = 4) -> Path:
+    """Write the sweep's HTML report (default `<sweep_dir>/report.html`) and return its path."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise LeaderboardError(f"{sweep_dir}: no such sweep results directory")
+    ranked_df = load_trials(sweep_dir)  # trials with at least one evaluation; raises when there are none
+    all_trials = pq.read_table(sweep_dir / TRIALS_FILE).to_pandas()
+    evaluations_file = sweep_dir / EVALUATIONS_FILE
+    evaluations = pq.read_table(evaluations_file).to_pandas() if evaluations_file.exists() else pd.DataFrame()
+    by = group_by if group_by is not None else default_group_by(ranked_df)
+    groups = group_trials(ranked_df, by) if by else []
+    ranked = rank_trials(ranked_df)
+    sweep_text = (sweep_dir / SWEEP_FILE).read_text() if (sweep_dir / SWEEP_FILE).exists() else None
+    name = str(all_trials["sweep"].dropna().iloc[0]) if all_trials["sweep"].notna().any() else sweep_dir.name
+
+    body = [
+        header(name, sweep_dir, all_trials, sweep_text),
+        leaderboard_section(groups, by, ranked, parameter_names(ranked_df), all_trials),
+        curves_section(evaluations, all_trials, by),
+        grids_section(sweep_dir, ranked_df, ranked, parameter_names(ranked_df), top),
+        sweep_file_section(sweep_text),
+    ]
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>Sweep report: {esc(name)}</title><style>{CSS}</style>"
+        f"<script>{IMAGE_CHECK_JS}</script></head>\n<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
+    )
+    out = Path(out) if out is not None else sweep_dir / REPORT_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def default_group_by(df: pd.DataFrame) -> list[str] | None:
+    """Compare variants when the sweep has several, else generator widths, else rank single trials."""
+    for column in ("variant", "g_widths"):
+        if column in df.columns and df[column].nunique(dropna=False) > 1:
+            return [column]
+    return None
+
+
+# ---- header -------------------------------------------------------------------------------------
+
+
+def header(name: str, sweep_dir: Path, trials: pd.DataFrame, sweep_text: str | None) -> str:
+    counts = trials["status"].value_counts()
+    shown = [s for s in HEADER_STATUSES] + [s for s in counts.index if s not in HEADER_STATUSES]
+    status_line = " ".join(
+        f'<span class="badge s-{esc(s)}">{esc(s)}: {int(counts.get(s, 0))}</span>' for s in shown
+    )
+    sources = sorted(str(s) for s in trials["data_source"].dropna().unique())
+    extractors = sorted(str(e) for e in trials["extractor"].dropna().unique())
+    facts = {
+        "trials": f"{len(trials)} &nbsp; {status_line}",
+        "ran": run_period(trials),
+        "report written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "data": ", ".join(data_label(s) for s in sources) or "unknown (no evaluation reported it)",
+        "feature extractor": ", ".join(esc(e) for e in extractors) or "unknown",
+        "results": f"<code>{esc(sweep_dir.resolve())}</code>",
+    }
+    parts = [f"<h1>Sweep report: {esc(name)}</h1>"]
+    description = sweep_description(sweep_text)
+    if description:
+        parts.append(f'<p class="muted">{esc(description)}</p>')
+    parts.append(
+        '<nav><a href="#leaderboard">Leaderboard</a><a href="#curves">FID curves</a>'
+        '<a href="#samples">Samples</a><a href="#sweep-file">Sweep file</a></nav>'
+    )
+    parts.append('<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts.items()) + "</dl>")
+    if TINY_CONV in extractors:
+        parts.append(
+            '<div class="warn"><strong>Warning: FIDs measured with the tiny-conv extractor.</strong> '
+            "tiny-conv is a random-weight offline stand-in for InceptionV3: its FIDs rank trials of this sweep "
+            "against each other, but are <strong>not comparable to published (Inception) FIDs</strong>.</div>"
+        )
+    if len(extractors) > 1:
+        parts.append('<div class="note">Several feature extractors: each is ranked and plotted separately.</div>')
+    if int(counts.get("running", 0)) + int(counts.get("pending", 0)):
+        parts.append('<div class="note">The sweep is still running: this report is a snapshot.</div>')
+    return "\n".join(parts)
+
+
+def run_period(trials: pd.DataFrame) -> str:
+    started, ended = trials["started"].dropna(), trials["ended"].dropna()
+    if started.empty:
+        return "not started"
+    text = f"{started.min():%Y-%m-%d %H:%M}"
+    return text + (f" &rarr; {ended.max():%Y-%m-%d %H:%M} UTC" if not ended.empty else " UTC &rarr; (running)")
+
+
+def data_label(source: str) -> str:
+    if source == "synthetic":
+        return "synthetic (procedurally generated faces, not a real dataset)"
+    return f"<code>{esc(source)}</code>"
+
+
+def sweep_description(sweep_text: str | None) -> str | None:
+    if not sweep_text:
+        return None
+    try:
+        spec = yaml.safe_load(sweep_text)
+    except yaml.YAMLError:
+        return None
+    description = spec.get("description") if isinstance(spec, dict) else None
+    return str(description) if description else None
+
+
+# ---- leaderboard --------------------------------------------------------------------------------
+
+
+def leaderboard_section(
+    groups: list[dict[str, Any]], by: list[str] | None, ranked: list[dict[str, Any]], params: list[str],
+    trials: pd.DataFrame,
+) -> str:
+    parts = ['<h2 id="leaderboard">Leaderboard</h2>',
+             '<p class="muted">Lower FID is better. Rows are ranked within one feature extractor.</p>']
+    if by:
+        parts.append(f"<h3>By {esc(', '.join(by))}: best FID, mean &plusmn; 95% CI over trials</h3>")
+        for extractor, rows in by_extractor(groups):
+            parts.append(group_table(rows, by, extractor))
+    parts.append("<h3>Trials by best FID</h3>")
+    for extractor, rows in by_extractor(ranked):
+        parts.append(trial_table(rows, params, extractor, trials))
+    unranked = trials[trials["best_fid"].isna()]
+    if not unranked.empty:
+        items = ", ".join(
+            f"{esc(r.trial_id)} ({esc(r.status)}{': ' + esc(r.reason) if isinstance(r.reason, str) and r.reason else ''})"
+            for r in unranked.itertuples()
+        )
+        parts.append(f'<div class="note">Not ranked (no evaluation yet): {items}</div>')
+    return "\n".join(parts)
+
+
+def by_extractor(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    split: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        split.setdefault(row["extractor"], []).append(row)
+    return list(split.items())
+
+
+def group_table(rows: list[dict[str, Any]], by: list[str], extractor: str) -> str:
+    heads = ["rank", *by, "n", "n completed", "best FID (mean &plusmn; 95% CI)", "min best FID", "best IS (mean &plusmn; 95% CI)"]
+    body = []
+    for r in rows:
+        cells = [num(r["rank"]), *(cell(r[c]) for c in by), num(r["n"]), num(r["n_completed"]),
+                 num(mean_ci_text(r["best_fid_mean"], r["best_fid_ci95"])), num(fmt(r["best_fid_min"])),
+                 num(mean_ci_text(r["best_is_mean"], r["best_is_ci95"]))]
+        body.append(row_html(cells, first=r["rank"] == 1))
+    return table_html(f"extractor: {esc(extractor)}", heads, body, "groups")
+
+
+def trial_table(rows: list[dict[str, Any]], params: list[str], extractor: str, trials: pd.DataFrame) -> str:
+    reasons = dict(zip(trials["trial_id"], trials["reason"]))
+    heads = ["rank", "trial", *params, "status", "best FID", "at kimg", "best IS", "final FID", "kimg reached"]
+    body = []
+    for r in rows:
+        cells = [num(r["rank"]), cell(r["trial_id"]), *(cell(r[p]) for p in params),
+                 f"<td>{status_badge(r['status'], reasons.get(r['trial_id']))}</td>",
+                 num(fmt(r["best_fid"])), num(fmt(r["best_fid_kimg"])), num(fmt(r["best_is"])),
+                 num(fmt(r["final_fid"])), num(fmt(r["kimg"]))]
+        body.append(row_html(cells, first=r["rank"] == 1))
+    return table_html(f"extractor: {esc(extractor)}", heads, body, "trials")
+
+
+def status_badge(status: str, reason: Any) -> str:
+    title = f' title="{esc(reason)}"' if isinstance(reason, str) and reason else ""
+    text = esc(status) + (f": {esc(reason)}" if title and status in ("diverged", "error") else "")
+    return f'<span class="badge s-{esc(status)}"{title}>{text}</span>'
+
+
+def table_html(caption: str, heads: list[str], body: list[str], kind: str) -> str:
+    head = "".join(f"<th>{h}</th>" for h in heads)
+    return (f'<div class="scroll"><table class="{kind}"><caption class="muted" style="text-align:left">{caption}'
+            f"</caption><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+
+
+def row_html(cells: list[str], first: bool) -> str:
+    return f'<tr{" class=first" if first else ""}>{"".join(cells)}</tr>'
+
+
+def cell(value: Any) -> str:
+    return f"<td>{'-' if value is None else esc(value)}</td>"
+
+
+def num(text: Any) -> str:
+    return f'<td class="num">{esc(text)}</td>'
+
+
+def fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:.2f}"
+    return str(value)
+
+
+def mean_ci_text(mean: float | None, ci: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ± {ci:.2f}" if ci is not None else f"{mean:.2f} (n=1)"
+
+
+# ---- FID curves ---------------------------------------------------------------------------------
+
+
+def curves_section(evaluations: pd.DataFrame, trials: pd.DataFrame, by: list[str] | None) -> str:
+    parts = ['<h2 id="curves">FID during training</h2>']
+    if evaluations.empty or evaluations["fid"].notna().sum() == 0:
+        parts.append('<div class="note">No evaluations recorded yet.</div>')
+        return "\n".join(parts)
+    png, log_axes = fid_curves_png(evaluations, trials, by)
+    scale = f" The FID axis of {', '.join(log_axes)} is log scale (its range spans more than 10x)." if log_axes else ""
+    parts.append(
+        f'<figure><img id="fid-curves" alt="FID against kimg for every trial" src="{data_uri(png)}">'
+        f"<figcaption>One line per trial, coloured by {esc(', '.join(by) if by else 'trial')}; "
+        f"line style and end marker show how the trial ended.{esc(scale)}</figcaption></figure>"
+    )
+    return "\n".join(parts)
+
+
+def fid_curves_png(evaluations: pd.DataFrame, trials: pd.DataFrame, by: list[str] | None) -> tuple[bytes, list[str]]:
+    """All trials' FID against kimg, one axis per feature extractor; returns the PNG and the log-scale axes."""
+    evaluations = evaluations[evaluations["fid"].notna()].sort_values(["trial_id", "kimg"])
+    status = dict(zip(trials["trial_id"], trials["status"]))
+    key_columns = by or ["trial_id"]
+    keys = sorted({group_label(r, key_columns) for r in evaluations[key_columns].to_dict("records")})
+    colours = colour_map(keys)
+    extractors = sorted(str(e) for e in evaluations["extractor"].fillna("unknown").unique())
+
+    fig = Figure(figsize=(6.2 * len(extractors) + 3.0, 4.6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(extractors), squeeze=False)[0]
+    log_axes = []
+    for ax, extractor in zip(axes, extractors):
+        part = evaluations[evaluations["extractor"].fillna("unknown") == extractor]
+        for trial_id, curve in part.groupby("trial_id", sort=True):
+            trial_status = status.get(trial_id, "running")
+            line, marker, size, _ = CURVE_STYLE.get(trial_status, CURVE_STYLE["running"])
+            colour = colours[group_label(curve.iloc[0], key_columns)]
+            ax.plot(curve["kimg"], curve["fid"], linestyle=line, color=colour, linewidth=1.6, alpha=0.9)
+            ax.plot(curve["kimg"].iloc[-1:], curve["fid"].iloc[-1:], linestyle="none", marker=marker, markersize=size,
+                    color=colour, markeredgewidth=2 if marker == "x" else 1, markeredgecolor="black" if marker in "*s" else colour)
+        low, high = part["fid"].min(), part["fid"].max()
+        if low > 0 and high / low > LOG_SCALE_RATIO:
+            ax.set_yscale("log")
+            log_axes.append(extractor)
+        ax.set_title(f"FID ({extractor}); lower is better", fontsize=10)
+        ax.set_xlabel("kimg (thousands of real images shown to D)")
+        ax.set_ylabel("FID")
+        ax.grid(True, which="both", alpha=0.3)
+
+    handles = [Line2D([], [], color=colours[k], linewidth=2.5, label=k) for k in keys[:MAX_LEGEND_GROUPS]]
+    if len(keys) > MAX_LEGEND_GROUPS:
+        handles.append(Line2D([], [], linestyle="none", label=f"... {len(keys) - MAX_LEGEND_GROUPS} more"))
+    present = set(status.get(t, "running") for t in evaluations["trial_id"].unique())
+    handles.append(Line2D([], [], linestyle="none", label=""))
+    for name, (line, marker, size, label) in CURVE_STYLE.items():
+        if name in present or name in ("completed", "stopped_early"):
+            handles.append(Line2D([], [], color="#444", linestyle=line, marker=marker, markersize=size * 0.8,
+                                  markeredgecolor="black", label=label))
+    fig.legend(handles=handles, loc="outside right upper", title=", ".join(key_columns), fontsize=8.5,
+               title_fontsize=9, frameon=False)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue(), log_axes
+
+
+def group_label(row: Any, columns: list[str]) -> str:
+    return ", ".join("-" if pd.isna(row[c]) else str(row[c]) for c in columns)
+
+
+def colour_map(keys: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(keys) <= 10 else "tab20"]
+    return {k: palette(i % palette.N) for i, k in enumerate(keys)}
+
+
+# ---- sample grids -------------------------------------------------------------------------------
+
+
+def grids_section(sweep_dir: Path, df: pd.DataFrame, ranked: list[dict[str, Any]], params: list[str], top: int) -> str:
+    parts = [f'<h2 id="samples">Latest samples of the best {top} trials</h2>']
+    grid_paths = dict(zip(df["trial_id"], df["grid_path"]))
+    figures, missing = [], []
+    for row in ranked:
+        if row["rank"] > top:
+            continue
+        path = find_grid(sweep_dir, row["trial_id"], grid_paths.get(row["trial_id"]))
+        if path is None:
+            missing.append(f"{esc(row['trial_id'])} (<code>{esc(grid_paths.get(row['trial_id']) or 'no grid recorded')}</code>)")
+            continue
+        match = GRID_KIMG.search(path.name)
+        at = f" &middot; grid at {float(match.group(1)):g} kimg" if match else ""
+        settings = " &middot; ".join(f"{esc(p)}={esc('-' if row[p] is None else row[p])}" for p in params)
+        figures.append(
+            f'<figure><img alt="samples of trial {esc(row["trial_id"])}" src="{data_uri(path.read_bytes())}">'
+            f"<figcaption><strong>#{row['rank']} {esc(row['trial_id'])}</strong> "
+            f"({esc(row['extractor'])}) best FID <strong>{esc(fmt(row['best_fid']))}</strong> "
+            f"at {esc(fmt(row['best_fid_kimg']))} kimg{at} &middot; {status_badge(row['status'], None)}"
+            f"<br>{settings}</figcaption></figure>"
+        )
+    if figures:
+        parts.append('<div class="grids">' + "".join(figures) + "</div>")
+    if missing:
+        parts.append(f'<div class="note">Sample grid file missing for: {", ".join(missing)}</div>')
+    return "\n".join(parts)
+
+
+def find_grid(sweep_dir: Path, trial_id: str, recorded: Any) -> Path | None:
+    """The recorded grid, or the same file under this sweep directory (results copied from a cluster)."""
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    for path in (Path(recorded), sweep_dir / "trials" / trial_id / "grids" / Path(recorded).name):
+        if path.is_file():
+            return path
+    return None
+
+
+# ---- sweep file ---------------------------------------------------------------------------------
+
+
+def sweep_file_section(sweep_text: str | None) -> str:
+    head = f'<h2 id="sweep-file">Sweep file ({SWEEP_FILE})</h2>'
+    if sweep_text is None:
+        return head + f'<div class="note">{SWEEP_FILE} is missing from the results directory.</div>'
+    return head + f"<pre>{esc(sweep_text)}</pre>"
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value))
