@@ -134,6 +134,25 @@ def leaderboard(
             console.print(table)
 
 
+@app.command()
+def report(
+    results: Path = typer.Option(DEFAULT_RESULTS, "--results", help="Results root."),
+    sweep_name: Optional[str] = typer.Option(None, "--sweep", help="Sweep name (needed when the root holds several)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default <results>/<name>/report.html)."),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="Comma-separated parameters to group the leaderboard by."),
+    top: int = typer.Option(4, "--top", min=1, help="Show the sample grids of the best N trials."),
+) -> None:
+    """Write one self-contained HTML report: leaderboard, FID curves, sample grids, the sweep file."""
+    from orchestrator.report import write_report  # matplotlib: only when asked for
+
+    try:
+        by = [c.strip() for c in group_by.split(",") if c.strip()] if group_by else None
+        path = write_report(find_sweep(results, sweep_name), out, group_by=by, top=top)
+    except user_errors() as exc:
+        fail(str(exc))
+    console.print(f"report: {path}")
+
+
 def leaderboard_tables(rows: list[dict], grouped: bool) -> list[Table]:
     """One table per feature extractor: their FIDs are not comparable."""
     extractors = sorted({r["extractor"] for r in rows})

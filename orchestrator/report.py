@@ -20,9 +20,11 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 import yaml
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from orchestrator.leaderboard import LeaderboardError, group_trials, load_trials, parameter_names, rank_trials
 from orchestrator.results import EVALUATIONS_FILE, TRIALS_FILE
@@ -47,7 +49,8 @@ CURVE_STYLE: dict[str, tuple[str, str, float, str]] = {
 
 CSS = """
 *{box-sizing:border-box}
-body{margin:0;background:#f5f6f8;color:#1d2430;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif}
+body{margin:0;background:#f5f6f8;color:#1d2430;
+  font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif}
 main{max-width:1200px;margin:0 auto;padding:18px 24px 48px}
 h1{font-size:23px;margin:4px 0 2px}
 h2{font-size:17px;margin:30px 0 10px;padding-bottom:4px;border-bottom:1px solid #d5dae1}
@@ -55,12 +58,14 @@ h3{font-size:14px;margin:14px 0 4px;color:#3b4654}
 p{margin:6px 0}
 nav a{margin-right:14px;color:#2457a6;text-decoration:none}
 .muted{color:#5f6b7a}
-.facts{display:grid;grid-template-columns:max-content 1fr;gap:3px 18px;margin:12px 0;background:#fff;padding:10px 14px;border:1px solid #e3e7ec;border-radius:6px}
+.facts{display:grid;grid-template-columns:max-content 1fr;gap:3px 18px;margin:12px 0;background:#fff;
+  padding:10px 14px;border:1px solid #e3e7ec;border-radius:6px}
 .facts dt{color:#5f6b7a}.facts dd{margin:0}
 .warn{margin:12px 0;padding:9px 14px;background:#fff4db;border-left:5px solid #d98c00;border-radius:4px}
 .note{margin:8px 0;padding:6px 12px;background:#eef2f7;border-radius:4px}
 .scroll{overflow-x:auto}
-table{border-collapse:collapse;background:#fff;margin:4px 0 10px;font-variant-numeric:tabular-nums;border:1px solid #e3e7ec}
+table{border-collapse:collapse;background:#fff;margin:4px 0 10px;font-variant-numeric:tabular-nums;
+  border:1px solid #e3e7ec}
 th,td{padding:4px 10px;border-bottom:1px solid #e8ebef;text-align:left;white-space:nowrap}
 th{background:#eef1f5;font-weight:600;font-size:13px}
 td.num{text-align:right}
@@ -104,7 +109,7 @@ def write_report(sweep_dir: Path, out: Path | None = None, *, group_by: list[str
     body = [
         header(name, sweep_dir, all_trials, sweep_text),
         leaderboard_section(groups, by, ranked, parameter_names(ranked_df), all_trials),
-        curves_section(evaluations, all_trials, by),
+        curves_section(evaluations, all_trials, by, [group_label(r, by or ["trial_id"]) for r in groups or ranked]),
         grids_section(sweep_dir, ranked_df, ranked, parameter_names(ranked_df), top),
         sweep_file_section(sweep_text),
     ]
@@ -133,7 +138,7 @@ def default_group_by(df: pd.DataFrame) -> list[str] | None:
 
 def header(name: str, sweep_dir: Path, trials: pd.DataFrame, sweep_text: str | None) -> str:
     counts = trials["status"].value_counts()
-    shown = [s for s in HEADER_STATUSES] + [s for s in counts.index if s not in HEADER_STATUSES]
+    shown = list(HEADER_STATUSES) + [s for s in counts.index if s not in HEADER_STATUSES]
     status_line = " ".join(
         f'<span class="badge s-{esc(s)}">{esc(s)}: {int(counts.get(s, 0))}</span>' for s in shown
     )
@@ -213,7 +218,7 @@ def leaderboard_section(
     unranked = trials[trials["best_fid"].isna()]
     if not unranked.empty:
         items = ", ".join(
-            f"{esc(r.trial_id)} ({esc(r.status)}{': ' + esc(r.reason) if isinstance(r.reason, str) and r.reason else ''})"
+            f"{esc(r.trial_id)} ({esc(r.status)}{': ' + esc(r.reason) if has_text(r.reason) else ''})"
             for r in unranked.itertuples()
         )
         parts.append(f'<div class="note">Not ranked (no evaluation yet): {items}</div>')
@@ -228,7 +233,8 @@ def by_extractor(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, A
 
 
 def group_table(rows: list[dict[str, Any]], by: list[str], extractor: str) -> str:
-    heads = ["rank", *by, "n", "n completed", "best FID (mean &plusmn; 95% CI)", "min best FID", "best IS (mean &plusmn; 95% CI)"]
+    heads = ["rank", *by, "n", "n completed", "best FID (mean &plusmn; 95% CI)", "min best FID",
+             "best IS (mean &plusmn; 95% CI)"]
     body = []
     for r in rows:
         cells = [num(r["rank"]), *(cell(r[c]) for c in by), num(r["n"]), num(r["n_completed"]),
@@ -245,16 +251,21 @@ def trial_table(rows: list[dict[str, Any]], params: list[str], extractor: str, t
     for r in rows:
         cells = [num(r["rank"]), cell(r["trial_id"]), *(cell(r[p]) for p in params),
                  f"<td>{status_badge(r['status'], reasons.get(r['trial_id']))}</td>",
-                 num(fmt(r["best_fid"])), num(fmt(r["best_fid_kimg"])), num(fmt(r["best_is"])),
-                 num(fmt(r["final_fid"])), num(fmt(r["kimg"]))]
+                 num(fmt(r["best_fid"])), num(kimg_text(r["best_fid_kimg"])), num(fmt(r["best_is"])),
+                 num(fmt(r["final_fid"])), num(kimg_text(r["kimg"]))]
         body.append(row_html(cells, first=r["rank"] == 1))
     return table_html(f"extractor: {esc(extractor)}", heads, body, "trials")
 
 
 def status_badge(status: str, reason: Any) -> str:
-    title = f' title="{esc(reason)}"' if isinstance(reason, str) and reason else ""
+    title = f' title="{esc(reason)}"' if has_text(reason) else ""
     text = esc(status) + (f": {esc(reason)}" if title and status in ("diverged", "error") else "")
     return f'<span class="badge s-{esc(status)}"{title}>{text}</span>'
+
+
+def has_text(value: Any) -> bool:
+    """A non-empty string (Parquet nulls arrive as None or NaN)."""
+    return isinstance(value, str) and bool(value)
 
 
 def table_html(caption: str, heads: list[str], body: list[str], kind: str) -> str:
@@ -283,6 +294,10 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def kimg_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
 def mean_ci_text(mean: float | None, ci: float | None) -> str:
     if mean is None:
         return "-"
@@ -292,13 +307,17 @@ def mean_ci_text(mean: float | None, ci: float | None) -> str:
 # ---- FID curves ---------------------------------------------------------------------------------
 
 
-def curves_section(evaluations: pd.DataFrame, trials: pd.DataFrame, by: list[str] | None) -> str:
+def curves_section(
+    evaluations: pd.DataFrame, trials: pd.DataFrame, by: list[str] | None, legend_order: list[str]
+) -> str:
     parts = ['<h2 id="curves">FID during training</h2>']
     if evaluations.empty or evaluations["fid"].notna().sum() == 0:
         parts.append('<div class="note">No evaluations recorded yet.</div>')
         return "\n".join(parts)
-    png, log_axes = fid_curves_png(evaluations, trials, by)
-    scale = f" The FID axis of {', '.join(log_axes)} is log scale (its range spans more than 10x)." if log_axes else ""
+    png, log_axes = fid_curves_png(evaluations, trials, by, legend_order)
+    scale = ""
+    if log_axes:
+        scale = f" The FID axis of {', '.join(log_axes)} is log scale (its range spans more than 10x)."
     parts.append(
         f'<figure><img id="fid-curves" alt="FID against kimg for every trial" src="{data_uri(png)}">'
         f"<figcaption>One line per trial, coloured by {esc(', '.join(by) if by else 'trial')}; "
@@ -307,12 +326,18 @@ def curves_section(evaluations: pd.DataFrame, trials: pd.DataFrame, by: list[str
     return "\n".join(parts)
 
 
-def fid_curves_png(evaluations: pd.DataFrame, trials: pd.DataFrame, by: list[str] | None) -> tuple[bytes, list[str]]:
-    """All trials' FID against kimg, one axis per feature extractor; returns the PNG and the log-scale axes."""
+def fid_curves_png(
+    evaluations: pd.DataFrame, trials: pd.DataFrame, by: list[str] | None, legend_order: list[str]
+) -> tuple[bytes, list[str]]:
+    """All trials' FID against kimg, one axis per feature extractor; returns the PNG and the log-scale axes.
+
+    Colours follow the grouping (trial when there is none), listed in leaderboard order."""
     evaluations = evaluations[evaluations["fid"].notna()].sort_values(["trial_id", "kimg"])
-    status = dict(zip(trials["trial_id"], trials["status"]))
+    # pending trials (not started) draw like running ones
+    status = {t: s if s in CURVE_STYLE else "running" for t, s in zip(trials["trial_id"], trials["status"])}
     key_columns = by or ["trial_id"]
-    keys = sorted({group_label(r, key_columns) for r in evaluations[key_columns].to_dict("records")})
+    present_keys = {group_label(r, key_columns) for r in evaluations[key_columns].to_dict("records")}
+    keys = [k for k in dict.fromkeys(legend_order) if k in present_keys] + sorted(present_keys - set(legend_order))
     colours = colour_map(keys)
     extractors = sorted(str(e) for e in evaluations["extractor"].fillna("unknown").unique())
 
@@ -324,14 +349,18 @@ def fid_curves_png(evaluations: pd.DataFrame, trials: pd.DataFrame, by: list[str
         part = evaluations[evaluations["extractor"].fillna("unknown") == extractor]
         for trial_id, curve in part.groupby("trial_id", sort=True):
             trial_status = status.get(trial_id, "running")
-            line, marker, size, _ = CURVE_STYLE.get(trial_status, CURVE_STYLE["running"])
+            line, marker, size, _ = CURVE_STYLE[trial_status]
             colour = colours[group_label(curve.iloc[0], key_columns)]
             ax.plot(curve["kimg"], curve["fid"], linestyle=line, color=colour, linewidth=1.6, alpha=0.9)
-            ax.plot(curve["kimg"].iloc[-1:], curve["fid"].iloc[-1:], linestyle="none", marker=marker, markersize=size,
-                    color=colour, markeredgewidth=2 if marker == "x" else 1, markeredgecolor="black" if marker in "*s" else colour)
+            ax.plot(curve["kimg"].iloc[-1:], curve["fid"].iloc[-1:], linestyle="none", marker=marker,
+                    markersize=size, color=colour, markeredgewidth=2 if marker == "x" else 1,
+                    markeredgecolor="black" if marker in "*s" else colour)
         low, high = part["fid"].min(), part["fid"].max()
         if low > 0 and high / low > LOG_SCALE_RATIO:
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             log_axes.append(extractor)
         ax.set_title(f"FID ({extractor}); lower is better", fontsize=10)
         ax.set_xlabel("kimg (thousands of real images shown to D)")
@@ -341,10 +370,10 @@ def fid_curves_png(evaluations: pd.DataFrame, trials: pd.DataFrame, by: list[str
     handles = [Line2D([], [], color=colours[k], linewidth=2.5, label=k) for k in keys[:MAX_LEGEND_GROUPS]]
     if len(keys) > MAX_LEGEND_GROUPS:
         handles.append(Line2D([], [], linestyle="none", label=f"... {len(keys) - MAX_LEGEND_GROUPS} more"))
-    present = set(status.get(t, "running") for t in evaluations["trial_id"].unique())
+    present = {status.get(t, "running") for t in evaluations["trial_id"].unique()}
     handles.append(Line2D([], [], linestyle="none", label=""))
     for name, (line, marker, size, label) in CURVE_STYLE.items():
-        if name in present or name in ("completed", "stopped_early"):
+        if name in present:
             handles.append(Line2D([], [], color="#444", linestyle=line, marker=marker, markersize=size * 0.8,
                                   markeredgecolor="black", label=label))
     fig.legend(handles=handles, loc="outside right upper", title=", ".join(key_columns), fontsize=8.5,
@@ -359,8 +388,6 @@ def group_label(row: Any, columns: list[str]) -> str:
 
 
 def colour_map(keys: list[str]) -> dict[str, Any]:
-    from matplotlib import colormaps
-
     palette = colormaps["tab10" if len(keys) <= 10 else "tab20"]
     return {k: palette(i % palette.N) for i, k in enumerate(keys)}
 
@@ -377,7 +404,8 @@ def grids_section(sweep_dir: Path, df: pd.DataFrame, ranked: list[dict[str, Any]
             continue
         path = find_grid(sweep_dir, row["trial_id"], grid_paths.get(row["trial_id"]))
         if path is None:
-            missing.append(f"{esc(row['trial_id'])} (<code>{esc(grid_paths.get(row['trial_id']) or 'no grid recorded')}</code>)")
+            recorded = grid_paths.get(row["trial_id"]) or "no grid recorded"
+            missing.append(f"{esc(row['trial_id'])} (<code>{esc(recorded)}</code>)")
             continue
         match = GRID_KIMG.search(path.name)
         at = f" &middot; grid at {float(match.group(1)):g} kimg" if match else ""
@@ -386,7 +414,7 @@ def grids_section(sweep_dir: Path, df: pd.DataFrame, ranked: list[dict[str, Any]
             f'<figure><img alt="samples of trial {esc(row["trial_id"])}" src="{data_uri(path.read_bytes())}">'
             f"<figcaption><strong>#{row['rank']} {esc(row['trial_id'])}</strong> "
             f"({esc(row['extractor'])}) best FID <strong>{esc(fmt(row['best_fid']))}</strong> "
-            f"at {esc(fmt(row['best_fid_kimg']))} kimg{at} &middot; {status_badge(row['status'], None)}"
+            f"at {esc(kimg_text(row['best_fid_kimg']))} kimg{at} &middot; {status_badge(row['status'], None)}"
             f"<br>{settings}</figcaption></figure>"
         )
     if figures:

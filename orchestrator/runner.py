@@ -83,12 +83,29 @@ def train_trial(config: dict[str, Any], *, sweep: Sweep, dataset: PreparedDatase
                 result = training_loop(cfg, run_dir, report, resume_from=resume_dir, dataset=dataset)
         else:
             result = training_loop(cfg, run_dir, report, dataset=dataset)
-    except torch.OutOfMemoryError as exc:  # retrying the same config would run out again
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not out_of_memory(exc):
+            raise
+        # Retrying the same config would run out again: end the trial as 'error' now.
         tune.report({"kimg": 0.0, "fid": DIVERGED_BEFORE_FIRST_EVAL_FID, "error": f"out of memory: {exc}"[:500]})
         return
     if result.status == "diverged":
         last_fid = result.metrics.get("fid", DIVERGED_BEFORE_FIRST_EVAL_FID)
         tune.report({"kimg": result.kimg, "fid": last_fid, "diverged": True, "reason": result.reason, **node})
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A GPU out-of-memory error, or torch's CPU allocator failing (a plain RuntimeError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
+def error_reason(trial) -> str:
+    """The last line of the trial's latest error (Tune keeps every failure's trace in its error.txt)."""
+    try:
+        lines = (trial.get_error() or "").strip().splitlines()
+    except Exception:  # a callback that raises would end the whole sweep; the reason is not worth that
+        lines = []
+    return lines[-1][:500] if lines else "trial raised an error (see error.txt in its Tune directory)"
 
 
 class ResultsCallback(tune.Callback):
@@ -159,8 +176,7 @@ class ResultsCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ensure(trial)
-        reason = (trial.error_msg or "trial raised an error").strip().splitlines()
-        self._summarise(trial, status="error", reason=reason[-1][:500] if reason else "", ended=now())
+        self._summarise(trial, status="error", reason=error_reason(trial), ended=now())
         self._refresh()
 
     def on_experiment_end(self, trials, **info):

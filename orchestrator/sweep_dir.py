@@ -3,7 +3,7 @@
 <results>/<name>/
     sweep.yaml            the sweep file as given (the report shows it)
     fingerprint           hash of the validated sweep; a different sweep under this name is refused
-    .lock                 pid of the `orchestrator sweep` using it (two drivers never share a directory)
+    .lock                 flock'ed by the `orchestrator sweep` using it, holds its pid (two drivers never share a directory)
     evaluations.parquet   one row per evaluation
     trials.parquet        one row per trial
     trials/<trial_id>/    each trial's options.json, stats.jsonl, sample grids, latest checkpoint
@@ -11,8 +11,9 @@
 """
 from __future__ import annotations
 
+import fcntl
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.schema import Sweep
@@ -25,6 +26,7 @@ class SweepDirError(RuntimeError):
 @dataclass
 class SweepDir:
     path: Path
+    _lock_fd: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def tune_path(self) -> Path:
@@ -38,53 +40,81 @@ class SweepDir:
     def claim(cls, sweep: Sweep, results_root: Path, *, resume: bool) -> "SweepDir":
         path = (results_root / sweep.name).resolve()
         fingerprint_file = path / "fingerprint"
-        if fingerprint_file.exists():
-            if fingerprint_file.read_text().strip() != sweep.fingerprint():
-                raise SweepDirError(
-                    f"{path}: holds a different sweep named '{sweep.name}'; rename the sweep or pass another --results"
-                )
-            if not resume:
-                raise SweepDirError(
-                    f"{path}: sweep '{sweep.name}' already ran here; pass --resume to continue it, "
-                    "or another --results for a fresh run"
-                )
-            if not (path / "tune").exists():
-                raise SweepDirError(f"{path}: nothing to resume (no Ray Tune state in tune/)")
-        elif resume:
+        if resume and not fingerprint_file.exists():
             raise SweepDirError(f"{path}: nothing to resume; run without --resume to start sweep '{sweep.name}'")
         path.mkdir(parents=True, exist_ok=True)
         sweep_dir = cls(path)
+        # Lock first: a second driver started at the same moment gets the lock message, not a
+        # message about the half-claimed directory of the first.
         sweep_dir._lock()
-        if not fingerprint_file.exists():
-            (path / "sweep.yaml").write_text(sweep.source_text)
-            tmp = path / ".fingerprint.tmp"
-            tmp.write_text(sweep.fingerprint() + "\n")
-            os.replace(tmp, fingerprint_file)
+        try:
+            sweep_dir._check_or_write_fingerprint(sweep, resume=resume)
+        except BaseException:
+            sweep_dir.release()
+            raise
         return sweep_dir
 
+    def _check_or_write_fingerprint(self, sweep: Sweep, *, resume: bool) -> None:
+        fingerprint_file = self.path / "fingerprint"
+        # A claim that never got as far as starting Tune (Ray failed to start, ^C) left no tune/:
+        # that sweep never ran, so a plain start may take the directory over.
+        ran = self.tune_path.exists()
+        if fingerprint_file.exists():
+            if fingerprint_file.read_text().strip() != sweep.fingerprint():
+                raise SweepDirError(
+                    f"{self.path}: holds a different sweep named '{sweep.name}'; rename the sweep or pass another --results"
+                )
+            if resume and not ran:
+                raise SweepDirError(f"{self.path}: nothing to resume (no Ray Tune state in tune/)")
+            if not resume and ran:
+                raise SweepDirError(
+                    f"{self.path}: sweep '{sweep.name}' already ran here; pass --resume to continue it, "
+                    "or another --results for a fresh run"
+                )
+            return
+        (self.path / "sweep.yaml").write_text(sweep.source_text)
+        tmp = self.path / ".fingerprint.tmp"
+        tmp.write_text(sweep.fingerprint() + "\n")
+        os.replace(tmp, fingerprint_file)
+
     def _lock(self) -> None:
+        """Hold an exclusive flock on .lock while this driver runs.
+
+        The kernel drops the lock when the driver exits however it dies (even SIGKILL), so a
+        lock left by a killed driver never blocks --resume, and no driver has to guess from a
+        pid whether another one is still alive.
+        """
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by Ray's processes
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise SweepDirError(
+                    f"{self.path}: another `orchestrator sweep` (pid {self._owner()}) is running this sweep"
+                ) from None
+            # The previous holder may have removed the file between our open() and flock(): then we
+            # locked a file nobody else can see; lock the one at the path instead.
+            try:
+                current = os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _owner(self) -> str:
         try:
-            fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid = int(self.lock_path.read_text().strip() or 0)
-            if _alive(pid):
-                raise SweepDirError(f"{self.path}: another `orchestrator sweep` (pid {pid}) is running this sweep")
-            self.lock_path.unlink(missing_ok=True)  # left by a killed driver
-            return self._lock()
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            return self.lock_path.read_text().strip() or "unknown"
+        except FileNotFoundError:  # released in the meantime
+            return "unknown"
 
     def release(self) -> None:
-        self.lock_path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if self._lock_fd is None:
+            return
+        self.lock_path.unlink(missing_ok=True)  # while still locked: nobody can take it in between
+        os.close(self._lock_fd)
+        self._lock_fd = None

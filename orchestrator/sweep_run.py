@@ -13,10 +13,11 @@ from orchestrator.sweep_dir import SweepDir
 
 
 def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool, console: Console) -> Path:
+    # Built once per sweep (trials receive it through Ray's object store), and before the results
+    # directory is claimed: a folder without usable images leaves no half-made sweep behind.
+    dataset = prepare_dataset(sweep.trial_config({}).data)
     sweep_dir = SweepDir.claim(sweep, results, resume=resume)
     try:
-        # Built once per sweep: trials receive it through Ray's object store.
-        dataset = prepare_dataset(sweep.trial_config({}).data)
         summary = dataset.summary()
         if dataset.source == "synthetic":
             console.print(

@@ -1,0 +1,244 @@
+"""`orchestrator sweep --address` on a real multi-node Ray cluster, all on this machine.
+
+The cluster is built the way a real one is: a head started with `ray start --head` and worker nodes
+started with `ray start --address`, each its own raylet with its own node id. The head has no CPUs, so
+every trial must run on a worker. The cluster uses token authentication, explicitly: with RAY_AUTH_MODE
+unset, `ray start --head` turns token auth on by itself when ~/.ray/auth_token exists, but a worker and a
+driver given an explicit address do not, and then fail with InvalidAuthToken. So every process here gets
+RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (a temp file, never the user's ~/.ray).
+
+The results path is a local directory: every node of this cluster sees it, as every node of a real
+cluster sees a shared filesystem mounted at the same path.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray  # noqa: F401  (importing Ray puts its bundled psutil on sys.path)
+import psutil
+
+pytestmark = pytest.mark.slow
+
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter's Ray
+NODE_START_TIMEOUT_S = 90
+SWEEP_TIMEOUT_S = 300
+WORKERS = ("worker_a", "worker_b")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a running process and everything it started, by pid; then reap it."""
+    if proc.poll() is not None:  # already reaped: its pid may belong to someone else now
+        return
+    for p in process_tree(proc.pid):
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def log_tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+class LocalCluster:
+    """A Ray head and worker nodes, each a `ray start --block` process of this test.
+
+    `--block` keeps every node's daemons (GCS, raylet, dashboard, workers) children of that one
+    process, so a node is stopped, or lost, by killing its process tree: nothing else on the
+    machine (another test's or another user's Ray) is touched, as `ray stop` would."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        # Short: Ray's Unix socket paths under the temp dir must fit in 107 bytes.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-mn-", dir="/tmp"))
+        token_file = self.temp_dir / "auth_token"
+        token_file.write_text(secrets.token_hex(32))
+        token_file.chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")}
+        self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: dict[str, subprocess.Popen] = {}
+
+    def start(self, workers: tuple[str, ...]) -> None:
+        self._spawn("head", "--head", f"--port={self.port}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}")
+        self._wait_started("head")
+        for name in workers:  # started together: each takes a few seconds to join
+            self._spawn(name, f"--address={self.address}", "--num-cpus=1")
+        for name in workers:
+            self._wait_started(name)
+
+    def node_id(self, name: str) -> str:
+        """The Ray node id of a node: its raylet's --node_id argument."""
+        for p in process_tree(self.nodes[name].pid):
+            for arg in p.cmdline():
+                if arg.startswith("--node_id="):
+                    return arg.removeprefix("--node_id=")
+        raise AssertionError(f"{name}: no raylet running")
+
+    def lose(self, name: str) -> None:
+        """The node's machine vanishes: its raylet, object store and trial processes die at once."""
+        kill_tree(self.nodes.pop(name))
+
+    def shutdown(self) -> None:
+        for proc in self.nodes.values():
+            kill_tree(proc)
+        self.nodes.clear()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _spawn(self, name: str, *args: str) -> None:
+        # Worker ports of all nodes share one range on this machine; each node's dashboard agent needs its own.
+        command = [*RAY_CLI, "start", "--block", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+                   "--num-gpus=0", f"--object-store-memory={200 * 2**20}",
+                   f"--dashboard-agent-listen-port={free_port()}", *args]
+        with open(self.logs / f"{name}.log", "w") as log:
+            self.nodes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait_started(self, name: str) -> None:
+        log = self.logs / f"{name}.log"
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while "Ray runtime started" not in log_tail(log, 100_000):
+            if self.nodes[name].poll() is not None:
+                raise AssertionError(f"`ray start` of {name} exited with {self.nodes[name].returncode}:\n{log_tail(log)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} did not start in {NODE_START_TIMEOUT_S} s:\n{log_tail(log)}")
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A head with no CPUs and two 1-CPU workers; always torn down, also when the test fails."""
+    logs = tmp_path / "ray-logs"
+    logs.mkdir()
+    local = LocalCluster(logs)
+    try:
+        local.start(WORKERS)
+        yield local
+    finally:
+        local.shutdown()
+
+
+def write_sweep(path: Path, name: str, *, seeds: list[int], kimg: float, every_kimg: float) -> Path:
+    path.write_text(f"""\
+name: {name}
+method: grid
+metric: {{name: fid, goal: minimize}}
+data: {{path: null, image_size: 64, synthetic_count: 200}}
+model: {{g_widths: [32, 16, 8, 8], d_widths: [8, 16, 32, 32], heads: 2}}
+train: {{kimg: {kimg}, batch_size: 32}}
+eval: {{every_kimg: {every_kimg}, fid_samples: 64, final_fid_samples: 64, extractor: tiny-conv, grid_size: 2}}
+parameters:
+  seed: {{values: {seeds}}}
+scheduler: {{type: fifo}}
+resources: {{cpu: 1, gpu: 0}}
+max_failures: 2
+""")
+    return path
+
+
+def start_sweep(cluster: LocalCluster, sweep_file: Path, results: Path, cwd: Path) -> tuple[subprocess.Popen, Path]:
+    log = cwd.parent / f"{sweep_file.stem}-driver.log"
+    command = [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file),
+               "--address", cluster.address, "--results", str(results)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=cwd, env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def finish(proc: subprocess.Popen, log: Path) -> None:
+    try:
+        proc.wait(timeout=SWEEP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise AssertionError(f"sweep did not finish in {SWEEP_TIMEOUT_S} s:\n{log_tail(log)}")
+    assert proc.returncode == 0, log_tail(log)
+
+
+def test_trials_run_on_several_worker_nodes_and_results_land_under_results_path(cluster, tmp_path):
+    sweep_file = write_sweep(tmp_path / "spread.yaml", "spread", seeds=[0, 1], kimg=1, every_kimg=0.5)
+    results = tmp_path / "shared-results"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+
+    proc, log = start_sweep(cluster, sweep_file, results, cwd)
+    try:
+        finish(proc, log)
+    finally:
+        kill_tree(proc)
+
+    sweep_dir = results / "spread"
+    evaluations = pq.read_table(sweep_dir / "evaluations.parquet").to_pylist()
+    # Two 1-CPU trials at once on two 1-CPU workers: one on each; none on the CPU-less head.
+    assert {row["node"] for row in evaluations} == {cluster.node_id(name)[:12] for name in WORKERS}
+    trials = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert [t["status"] for t in trials] == ["completed", "completed"]
+    for trial in trials:
+        run_dir = sweep_dir / "trials" / trial["trial_id"]
+        assert Path(trial["run_dir"]) == run_dir
+        assert (run_dir / "options.json").is_file()
+        assert Path(trial["grid_path"]).is_file() and Path(trial["grid_path"]).is_relative_to(run_dir)
+        checkpoint = Path(trial["checkpoint_path"])
+        assert checkpoint.is_dir() and any(checkpoint.iterdir())
+        assert checkpoint.is_relative_to(sweep_dir / "tune")
+    assert list(cwd.iterdir()) == [], "the sweep wrote files relative to its working directory"
+
+
+def test_trial_of_a_lost_node_resumes_from_its_checkpoint_on_a_surviving_node(cluster, tmp_path):
+    sweep_file = write_sweep(tmp_path / "nodeloss.yaml", "nodeloss", seeds=[0], kimg=2, every_kimg=0.25)
+    results = tmp_path / "shared-results"
+    evaluations_file = results / "nodeloss" / "evaluations.parquet"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+
+    proc, log = start_sweep(cluster, sweep_file, results, cwd)
+    try:
+        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        while not evaluations_file.exists():  # the trial's first evaluation, with its checkpoint
+            assert proc.poll() is None, f"sweep ended before its first evaluation:\n{log_tail(log)}"
+            assert time.monotonic() < deadline, f"no evaluation in {SWEEP_TIMEOUT_S} s:\n{log_tail(log)}"
+            time.sleep(0.1)
+        first_node = pq.read_table(evaluations_file).column("node")[0].as_py()
+        lost = next(name for name in WORKERS if cluster.node_id(name).startswith(first_node))
+        survivor = next(name for name in WORKERS if name != lost)
+        survivor_node = cluster.node_id(survivor)[:12]
+        cluster.lose(lost)
+        finish(proc, log)
+    finally:
+        kill_tree(proc)
+
+    trials = pq.read_table(results / "nodeloss" / "trials.parquet").to_pylist()
+    assert [(t["status"], t["kimg"] >= 2) for t in trials] == [("completed", True)], trials
+    evaluations = pq.read_table(evaluations_file).to_pylist()
+    keys = [(row["trial_id"], row["kimg"]) for row in evaluations]
+    assert len(keys) == len(set(keys)), f"duplicate (trial_id, kimg) rows: {keys}"
+    nodes = [row["node"] for row in sorted(evaluations, key=lambda row: row["kimg"])]
+    # Resumed, not restarted: a restart from scratch would re-report, and so replace, the lost node's rows.
+    assert nodes[0] == first_node and survivor_node in nodes, nodes
+    lost_rows = nodes.index(survivor_node)
+    assert nodes == [first_node] * lost_rows + [survivor_node] * (len(nodes) - lost_rows), nodes

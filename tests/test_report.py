@@ -1,0 +1,176 @@
+"""`orchestrator report`: a sweep's self-contained HTML page, checked as text and in headless Chromium."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.utils
+from PIL import Image
+
+from orchestrator.leaderboard import LeaderboardError
+from orchestrator.report import write_report
+from orchestrator.results import ResultsWriter
+
+from browser import open_in_chromium
+
+SWEEP_YAML = """\
+name: variants-demo
+description: USE <vs> DCGAN & friends
+method: grid
+eval: {extractor: tiny-conv, every_kimg: 20}
+parameters:
+  variant: {values: [dcgan, use-gan]}
+  seed: {values: [0, 1, 2]}
+scheduler: {type: asha, grace_period: 40, reduction_factor: 3, max_t: 80}
+"""
+WIDTHS = "64-32-16"
+KIMG_BUDGET = 80.0
+# trial id -> (variant, seed, status, FID at kimg 20, 40, ...); best FIDs: dcgan 80/90/100, use-gan 50/60/70.
+TRIALS = {
+    "t0": ("dcgan", 0, "completed", [300.0, 150.0, 100.0, 80.0]),
+    "t1": ("dcgan", 1, "stopped_early", [320.0, 90.0]),
+    "t2": ("dcgan", 2, "diverged", [310.0, 100.0, 900.0]),
+    "t3": ("use-gan", 0, "completed", [250.0, 120.0, 70.0, 50.0]),
+    "t4": ("use-gan", 1, "completed", [260.0, 110.0, 75.0, 60.0]),
+    "t5": ("use-gan", 2, "stopped_early", [270.0, 70.0]),
+}
+DIVERGED_REASON = "non-finite loss_d <nan> at step 1200"
+MISSING_GRID_TRIAL = "t5"  # among the best 4: its grid file is deleted
+
+
+def build_sweep(root: Path, trials: dict = TRIALS, widths: dict[str, str] | None = None) -> Path:
+    """A sweep directory as `orchestrator sweep` leaves it, written through ResultsWriter without Ray."""
+    sweep_dir = root / "variants-demo"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "sweep.yaml").write_text(SWEEP_YAML)
+    (sweep_dir / "fingerprint").write_text("0123abcd\n")
+    writer = ResultsWriter(sweep_dir, "variants-demo", ["g_widths", "seed", "variant"])
+    start = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+    for i, (trial_id, (variant, seed, status, fids)) in enumerate(trials.items()):
+        params = {"g_widths": (widths or {}).get(trial_id, WIDTHS), "seed": seed, "variant": variant}
+        grids = sweep_dir / "trials" / trial_id / "grids"
+        grids.mkdir(parents=True)
+        evaluations = []
+        for step, fid in enumerate(fids, start=1):
+            kimg = 20.0 * step
+            grid = grids / f"grid-kimg{kimg:09.3f}.png"
+            torch.manual_seed(i * 100 + step)
+            torchvision.utils.save_image(torch.rand(16, 3, 16, 16), grid, nrow=4)
+            row = {"trial_id": trial_id, **params, "kimg": kimg, "fid": fid, "is_mean": 2.0 + 0.1 * step,
+                   "extractor": "tiny-conv", "fid_samples": 256, "final": kimg == KIMG_BUDGET,
+                   "grid_path": str(grid), "data_source": "synthetic", "time": start + timedelta(minutes=step)}
+            writer.add_evaluation(row)
+            evaluations.append(row)
+        best = min(evaluations, key=lambda r: r["fid"])
+        last = evaluations[-1]
+        writer.update_trial(
+            trial_id, **params, status=status, reason=DIVERGED_REASON if status == "diverged" else "",
+            best_fid=best["fid"], best_fid_kimg=best["kimg"], best_is=best["is_mean"],
+            final_fid=last["fid"] if last["final"] else None, extractor="tiny-conv", kimg=last["kimg"],
+            kimg_budget=KIMG_BUDGET, evaluations=len(evaluations), grid_path=last["grid_path"],
+            run_dir=str(grids.parent), data_source="synthetic", started=start, ended=start + timedelta(hours=1),
+        )
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    """The report of a sweep run on a 'cluster' and copied elsewhere (recorded grid paths no longer exist)."""
+    root = tmp_path_factory.mktemp("report")
+    cluster_copy = build_sweep(root / "cluster")
+    sweep_dir = Path(shutil.move(cluster_copy, root / "laptop" / "variants-demo"))
+    (sweep_dir / "trials" / MISSING_GRID_TRIAL / "grids" / "grid-kimg00040.000.png").unlink()
+    return write_report(sweep_dir)
+
+
+def decode_png(src: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix)
+    image = Image.open(io.BytesIO(base64.b64decode(src[len(prefix):])))
+    image.load()
+    return image
+
+
+def test_report_is_written_next_to_the_results_by_default(report):
+    assert report.name == "report.html" and (report.parent / "trials.parquet").exists()
+
+
+def test_header_names_sweep_statuses_data_and_warns_about_tiny_conv(report):
+    page = report.read_text()
+    assert "Sweep report: variants-demo" in page
+    for status, count in {"completed": 3, "stopped_early": 2, "diverged": 1, "error": 0, "running": 0}.items():
+        assert f"{status}: {count}</span>" in page
+    assert "synthetic (procedurally generated faces" in page
+    assert "not comparable to published (Inception) FIDs" in page
+    assert "USE &lt;vs&gt; DCGAN &amp; friends" in page  # the sweep's description, escaped
+
+
+def test_grouped_leaderboard_has_variant_means_with_95_ci_then_ranked_trials(report):
+    page = report.read_text()
+    groups = page[page.index('<table class="groups">'):page.index('<table class="trials">')]
+    # best FIDs 50/60/70 and 80/90/100: mean ± t(0.975, 2) * 10 / sqrt(3) = ± 24.84
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", groups.split("<tbody>")[1])
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows]
+    assert [c[:5] for c in cells] == [
+        ["1", "use-gan", "3", "2", "60.00 ± 24.84"],
+        ["2", "dcgan", "3", "1", "90.00 ± 24.84"],
+    ]
+    trials = page[page.index('<table class="trials">'):]
+    ranked_ids = re.findall(r"<tr[^>]*><td[^>]*>\d+</td><td>(t\d)</td>", trials)
+    assert ranked_ids == ["t3", "t4", "t5", "t0", "t1", "t2"]
+    assert "diverged: non-finite loss_d &lt;nan&gt; at step 1200" in page
+
+
+def test_fid_curves_are_one_embedded_png_on_a_log_axis_when_fid_spans_10x(report):
+    page = report.read_text()
+    src = re.search(r'<img id="fid-curves"[^>]*src="([^"]+)"', page).group(1)
+    image = decode_png(src)
+    assert image.width > 600 and image.height > 300
+    assert "is log scale" in page  # FIDs span 50..900
+
+
+def test_best_trials_show_their_latest_grid_and_a_note_for_a_missing_file(report):
+    page = report.read_text()
+    grids = re.findall(r'<img alt="samples of trial (t\d)" src="([^"]+)"', page)
+    assert [t for t, _ in grids] == ["t3", "t4", "t0"]  # the best 4 are t3 t4 t5 t0; t5's grid is gone
+    assert all(decode_png(src).size == (74, 74) for _, src in grids)  # 4x4 grid of 16 px images, 2 px padding
+    assert re.search(r"Sample grid file missing for: t5 \(<code>[^<]*grid-kimg00040\.000\.png</code>\)", page)
+    assert "#1 t3</strong>" in page and "best FID <strong>50.00</strong> at 80 kimg" in page
+
+
+def test_sweep_file_is_shown_escaped_and_nothing_is_fetched_from_the_network(report):
+    page = report.read_text()
+    assert "<pre>name: variants-demo\ndescription: USE &lt;vs&gt; DCGAN &amp; friends\n" in page
+    assert "<vs>" not in page
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+
+
+def test_default_grouping_falls_back_to_generator_widths(tmp_path):
+    one_variant = {t: ("dcgan", *rest[1:]) for t, rest in TRIALS.items()}
+    widths = {"t0": "64-32-16", "t1": "64-32-16", "t2": "64-32-16", "t3": "32-16-8", "t4": "32-16-8", "t5": "32-16-8"}
+    page = write_report(build_sweep(tmp_path, one_variant, widths), tmp_path / "out" / "r.html").read_text()
+    assert "<h3>By g_widths: best FID" in page
+    assert "<td>32-16-8</td><td class=\"num\">3</td>" in page
+
+
+def test_missing_or_empty_results_raise_a_one_line_leaderboard_error(tmp_path):
+    with pytest.raises(LeaderboardError, match="no such sweep results directory"):
+        write_report(tmp_path / "nope")
+    with pytest.raises(LeaderboardError, match="no trials recorded yet"):
+        write_report(tmp_path)
+    ResultsWriter(tmp_path, "empty", ["variant"]).update_trial("t0", variant="dcgan", status="running")
+    with pytest.raises(LeaderboardError, match="no trial has an evaluation yet"):
+        write_report(tmp_path)
+
+
+def test_report_renders_in_headless_chromium_with_every_image_decoded(report, tmp_path):
+    dom, page_errors = open_in_chromium(report, tmp_path / "profile")
+    assert 'data-images-total="4"' in dom and 'data-images-ok="4"' in dom  # the curves and 3 grids decoded
+    assert '<table class="groups">' in dom and "60.00 ± 24.84" in dom
+    assert not page_errors, page_errors
