@@ -54,7 +54,7 @@ from gan import losses  # noqa: E402
 from gan.config import DataConfig, EvalConfig, ModelConfig, TrainConfig, TrialConfig  # noqa: E402
 from gan.data import PreparedDataset, prepare_dataset  # noqa: E402
 from gan.models import build_models  # noqa: E402
-from gan.training import _Batches, training_loop  # noqa: E402  (the loop's own batcher: same data path)
+from gan.training import DeviceBatches, training_loop  # noqa: E402  (the loop's own batcher: same data path)
 
 WIDTHS = {
     "512": (512, 256, 128, 64),
@@ -84,6 +84,7 @@ def main() -> None:
     if skipped:
         print(f"skipping GPU-only rows on {device.type}: {', '.join(skipped)}")
     defaults = backend_flags()
+    load_at_start = round(os.getloadavg()[0], 2)
     dataset = prepare_dataset(DataConfig(path=str(args.data)))
     print(f"data: {dataset.source}: {len(dataset.split('train'))} training images (prepare {dataset.prepare_seconds:.1f} s)")
 
@@ -121,10 +122,11 @@ def main() -> None:
                     torch._dynamo.reset()  # compiled graphs of one row must not serve the next
 
     columns = ["variant", "g_width", "row", "images_per_s", "speedup", "peak_mem_gib"]
-    meta = run_metadata(device, args)
+    meta = run_metadata(device_name(device), batch_size=BATCH, kimg_per_row=args.kimg, warmup_steps=args.warmup,
+                        data=str(args.data), load_average_1m_at_start=load_at_start)
     print()
     print(markdown_table(results, columns))
-    write_results(Path(args.out_dir), "train", meta, results, columns)
+    write_results(Path(args.out_dir), "train", meta, {"training images/s": (results, columns)})
 
 
 def parse_args() -> argparse.Namespace:
@@ -233,7 +235,7 @@ def measure_ladder(
     Gc, Dc = (torch.compile(m) if "compile" in switches else m for m in (G, D))
 
     if "resident" in switches:
-        batches = _Batches(dataset.split("train"), BATCH, device, seed=0)
+        batches = DeviceBatches(dataset.split("train"), BATCH, device, seed=0)
         next_real: Callable[[], torch.Tensor] = lambda: batches.next(memory_format)  # noqa: E731
     else:
         loader = textbook_batches(image_folder, model_cfg.image_size)
@@ -327,16 +329,15 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or 'CPU'} ({os.cpu_count()} cores)"
 
 
-def run_metadata(device: torch.device, args: argparse.Namespace) -> dict:
+def run_metadata(device_label: str, **extra) -> dict:
+    """What every results file starts with; the load average shows whether the machine was shared."""
     return {
-        "device": device_name(device),
+        "device": device_label,
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "batch_size": BATCH,
-        "kimg_per_row": args.kimg,
-        "warmup_steps": args.warmup,
-        "data": str(args.data),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        **extra,
     }
 
 
@@ -349,16 +350,19 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: Path, kind: str, meta: dict, rows: list[dict], columns: list[str]) -> None:
-    """<out_dir>/<kind>-<device>-<date>.md (metadata + table) and .json (the same, machine-readable)."""
+def write_results(out_dir: Path, kind: str, meta: dict, tables: dict[str, tuple[list[dict], list[str]]]) -> None:
+    """<out_dir>/<kind>-<device>-<date>.md (metadata + tables) and .json (the same, machine-readable).
+    `tables` maps a title to (rows, columns). The other bench scripts use this too: one results format."""
     slug = "".join(c if c.isalnum() else "-" for c in meta["device"].lower()).strip("-")[:40]
     stem = out_dir / f"{kind}-{slug}-{meta['date']}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = "\n".join(f"- {k}: `{v}`" for k, v in meta.items())
-    stem.with_suffix(".md").write_text(f"# bench {kind}\n\n{header}\n\n{markdown_table(rows, columns)}\n")
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    text = f"# bench {kind}\n\n" + "\n".join(f"- {k}: `{v}`" for k, v in meta.items()) + "\n"
+    for title, (rows, columns) in tables.items():
+        text += f"\n## {title}\n\n{markdown_table(rows, columns)}\n"
+    stem.with_suffix(".md").write_text(text)
+    payload = {"meta": meta, "tables": {title: rows for title, (rows, _) in tables.items()}}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"\nwrote {stem}.md and .json")
-
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _Batches:
+class DeviceBatches:
     """Epochs of the uint8 training split held on the device, batched by indexing:
     no DataLoader, no decode, one device copy for the whole run."""
 
@@ -112,7 +112,7 @@ def training_loop(
     amp = cuda and tc.amp
 
     dataset = dataset if dataset is not None else prepare_dataset(cfg.data)
-    batches = _Batches(dataset.split("train"), tc.batch_size, device, seed=tc.seed)
+    batches = DeviceBatches(dataset.split("train"), tc.batch_size, device, seed=tc.seed)
     evaluator = Evaluator(
         dataset.split(ec.fid_split),
         dataset_key=dataset.key,

@@ -37,10 +37,12 @@ def fail(message: str) -> None:
 
 def user_errors():
     """The exception types whose message is a complete, user-facing sentence."""
-    from gan.metrics import ExtractorUnavailable
     from orchestrator.sweep_dir import SweepDirError
 
-    return (SweepError, SweepDirError, DataError, LeaderboardError, ExtractorUnavailable)
+    errors = (SweepError, SweepDirError, DataError, LeaderboardError)
+    # Importing gan.metrics costs seconds (torchvision, torch-fidelity); it can only have raised if imported.
+    metrics = sys.modules.get("gan.metrics")
+    return errors + (metrics.ExtractorUnavailable,) if metrics is not None else errors
 
 
 @data_app.command("prepare")
@@ -81,6 +83,13 @@ def sweep(
         run_sweep(spec, results, address=address, resume=resume, console=console)
     except user_errors() as exc:
         fail(str(exc))
+    except ConnectionError as exc:
+        if address is None:
+            raise
+        fail(
+            f"cannot join the Ray cluster at {address}: {exc}; if it uses token authentication, export "
+            "RAY_AUTH_MODE=token (Ray reads the token from ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+        )
 
 
 def print_trials(spec) -> None:

@@ -248,7 +248,11 @@ def build_tuner(sweep: Sweep, sweep_dir: SweepDir, dataset: PreparedDataset, *, 
         storage_path=str(sweep_dir.tune_path.parent),
         callbacks=[ResultsCallback(sweep, str(sweep_dir.path), live)],
         failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # Tune saves its experiment state (what --resume restores) after every num_to_keep-th new
+        # checkpoint of a trial, otherwise at most every 10 s. With 1, that state names each trial's
+        # newest checkpoint: after a killed driver, --resume re-runs no finished trial and repeats
+        # at most the one evaluation that was in flight.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=0,
     )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)

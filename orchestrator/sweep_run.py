@@ -1,4 +1,4 @@
-"""`orchestrator sweep`: claim the results directory, prepare data once, run Tune."""
+"""`orchestrator sweep`: prepare data once, claim the results directory, run Tune."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,6 @@ from rich.console import Console
 
 from gan.data import prepare_dataset
 from orchestrator.live import LiveView
-from orchestrator.runner import build_tuner, parameter_columns, start_ray
 from orchestrator.schema import Sweep
 from orchestrator.sweep_dir import SweepDir
 
@@ -18,6 +17,8 @@ def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool,
     dataset = prepare_dataset(sweep.trial_config({}).data)
     sweep_dir = SweepDir.claim(sweep, results, resume=resume)
     try:
+        from orchestrator.runner import build_tuner, parameter_columns, start_ray  # Ray: once the directory is ours
+
         summary = dataset.summary()
         if dataset.source == "synthetic":
             console.print(

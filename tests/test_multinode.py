@@ -89,9 +89,8 @@ class LocalCluster:
         self._spawn("head", "--head", f"--port={self.port}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}")
         self._wait_started("head")
-        for name in workers:  # started together: each takes a few seconds to join
+        for name in workers:  # one at a time: nodes starting together race for the same socket file names
             self._spawn(name, f"--address={self.address}", "--num-cpus=1")
-        for name in workers:
             self._wait_started(name)
 
     def node_id(self, name: str) -> str:
@@ -110,10 +109,14 @@ class LocalCluster:
         for proc in self.nodes.values():
             kill_tree(proc)
         self.nodes.clear()
+        # Keep Ray's own logs (raylet crashes and the like) next to the test's for a failure's post-mortem.
+        ray_logs = self.temp_dir / "session_latest" / "logs"
+        if ray_logs.is_dir():
+            shutil.copytree(ray_logs, self.logs / "ray-session", symlinks=True, dirs_exist_ok=True)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _spawn(self, name: str, *args: str) -> None:
-        # Worker ports of all nodes share one range on this machine; each node's dashboard agent needs its own.
+        # On one machine, every node's dashboard agent would take Ray's default port 52365.
         command = [*RAY_CLI, "start", "--block", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
                    "--num-gpus=0", f"--object-store-memory={200 * 2**20}",
                    f"--dashboard-agent-listen-port={free_port()}", *args]
@@ -180,6 +183,10 @@ def finish(proc: subprocess.Popen, log: Path) -> None:
     assert proc.returncode == 0, log_tail(log)
 
 
+def evaluation_count(path: Path) -> int:
+    return pq.read_metadata(path).num_rows if path.exists() else 0
+
+
 def test_trials_run_on_several_worker_nodes_and_results_land_under_results_path(cluster, tmp_path):
     sweep_file = write_sweep(tmp_path / "spread.yaml", "spread", seeds=[0, 1], kimg=1, every_kimg=0.5)
     results = tmp_path / "shared-results"
@@ -218,10 +225,13 @@ def test_trial_of_a_lost_node_resumes_from_its_checkpoint_on_a_surviving_node(cl
 
     proc, log = start_sweep(cluster, sweep_file, results, cwd)
     try:
+        # Tune records a reported checkpoint only after a save round trip to the trial that follows
+        # the result callback (which writes the row); the trial computes its next evaluation only
+        # after that round trip. So a second row proves the first evaluation's checkpoint is on record.
         deadline = time.monotonic() + SWEEP_TIMEOUT_S
-        while not evaluations_file.exists():  # the trial's first evaluation, with its checkpoint
-            assert proc.poll() is None, f"sweep ended before its first evaluation:\n{log_tail(log)}"
-            assert time.monotonic() < deadline, f"no evaluation in {SWEEP_TIMEOUT_S} s:\n{log_tail(log)}"
+        while evaluation_count(evaluations_file) < 2:
+            assert proc.poll() is None, f"sweep ended before its second evaluation:\n{log_tail(log)}"
+            assert time.monotonic() < deadline, f"no two evaluations in {SWEEP_TIMEOUT_S} s:\n{log_tail(log)}"
             time.sleep(0.1)
         first_node = pq.read_table(evaluations_file).column("node")[0].as_py()
         lost = next(name for name in WORKERS if cluster.node_id(name).startswith(first_node))
@@ -237,8 +247,10 @@ def test_trial_of_a_lost_node_resumes_from_its_checkpoint_on_a_surviving_node(cl
     evaluations = pq.read_table(evaluations_file).to_pylist()
     keys = [(row["trial_id"], row["kimg"]) for row in evaluations]
     assert len(keys) == len(set(keys)), f"duplicate (trial_id, kimg) rows: {keys}"
-    nodes = [row["node"] for row in sorted(evaluations, key=lambda row: row["kimg"])]
+    rows = sorted(evaluations, key=lambda row: row["kimg"])
+    nodes = [row["node"] for row in rows]
+    where = f"(kimg, node) rows {[(row['kimg'], row['node']) for row in rows]}; lost {first_node}, survivor {survivor_node}"
     # Resumed, not restarted: a restart from scratch would re-report, and so replace, the lost node's rows.
-    assert nodes[0] == first_node and survivor_node in nodes, nodes
+    assert nodes[0] == first_node and survivor_node in nodes, where
     lost_rows = nodes.index(survivor_node)
-    assert nodes == [first_node] * lost_rows + [survivor_node] * (len(nodes) - lost_rows), nodes
+    assert nodes == [first_node] * lost_rows + [survivor_node] * (len(nodes) - lost_rows), where
