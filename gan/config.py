@@ -14,6 +14,10 @@ VARIANTS = ("dcgan", "use-gan", "cmhsa-gan", "use-cmhsa-gan", "wgan", "vae-gan")
 ATTENTION_VARIANTS = ("cmhsa-gan", "use-cmhsa-gan")
 USE_VARIANTS = ("use-gan", "use-cmhsa-gan")
 SPLITS = ("train", "val", "test", "all")
+# Feature extractors for FID/IS/KID (gan.metrics); numbers from different ones are never compared.
+INCEPTION = "inception-v3-compat"  # torch-fidelity's standard InceptionV3: comparable with published FIDs
+TINY_CONV = "tiny-conv"  # fixed random-weight conv net: offline tests and smoke runs only
+EXTRACTORS = (INCEPTION, TINY_CONV)
 
 
 @dataclass

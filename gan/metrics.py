@@ -29,9 +29,8 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
-INCEPTION = "inception-v3-compat"
-TINY_CONV = "tiny-conv"
-EXTRACTORS = (INCEPTION, TINY_CONV)
+from gan.config import EXTRACTORS, INCEPTION, TINY_CONV
+
 WEIGHTS_ENV = "GAN_INCEPTION_WEIGHTS"
 KID_MAX_SUBSET = 1000
 DOWNLOAD_SOCKET_TIMEOUT_S = 10.0  # per socket operation, so offline hosts fail in seconds

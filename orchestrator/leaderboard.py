@@ -42,7 +42,7 @@ def load_trials(sweep_dir: Path) -> pd.DataFrame:
     if not file.exists():
         raise LeaderboardError(f"{sweep_dir}: no trials recorded yet (the sweep has not reported an evaluation)")
     try:
-        df = pq.read_table(file).to_pandas()
+        df = pq.read_table(file).to_pandas(integer_object_nulls=True)  # heads stays 2, not 2.0, beside nulls
     except Exception as exc:  # a file not written by us; ours are replaced atomically
         raise LeaderboardError(f"{file}: unreadable Parquet ({exc.__class__.__name__}: {exc})") from None
     df = df[df["best_fid"].notna()]
@@ -98,7 +98,7 @@ def group_trials(df: pd.DataFrame, by: list[str], top: int | None = None) -> lis
             is_mean, is_ci = mean_ci(is_values) if is_values else (None, None)
             groups.append(
                 {
-                    **{c: _plain(v) for c, v in zip(by, key)},
+                    **{c: _plain(g[c].iloc[0]) for c in by},  # the key itself may have become a float
                     "n": len(g),
                     "n_completed": int((g["status"] == "completed").sum()),
                     "best_fid_mean": fid_mean,

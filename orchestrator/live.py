@@ -16,6 +16,12 @@ def _fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _param(value) -> str:
+    if value is None:
+        return "-"
+    return format(value, ".3g") if isinstance(value, float) else str(value)
+
+
 class LiveView:
     def __init__(self, title: str, columns: list[str]):
         self.title = title
@@ -36,7 +42,7 @@ class LiveView:
             status = row.get("status", "pending")
             table.add_row(
                 row["trial_id"],
-                *[str(row.get(c, "")) for c in self.columns],
+                *[_param(row.get(c)) for c in self.columns],
                 f"[{STATUS_STYLE.get(status, 'white')}]{status}[/]",
                 _fmt(row.get("kimg"), ".1f"),
                 _fmt(latest),

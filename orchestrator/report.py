@@ -27,12 +27,11 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from orchestrator.leaderboard import LeaderboardError, group_trials, load_trials, parameter_names, rank_trials
+from gan.config import TINY_CONV
 from orchestrator.results import EVALUATIONS_FILE, TRIALS_FILE
 
 REPORT_FILE = "report.html"
 SWEEP_FILE = "sweep.yaml"
-# gan.metrics.TINY_CONV; not imported from there because gan.metrics loads torch.
-TINY_CONV = "tiny-conv"
 HEADER_STATUSES = ("completed", "stopped_early", "diverged", "error", "running")
 LOG_SCALE_RATIO = 10.0  # a y range wider than this is drawn on a log axis
 MAX_LEGEND_GROUPS = 20

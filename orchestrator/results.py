@@ -33,6 +33,7 @@ EVALUATION_COLUMNS: dict[str, pa.DataType] = {
     "loss_d": pa.float64(),
     "loss_g": pa.float64(),
     "images_per_s": pa.float64(),
+    "eval_seconds": pa.float64(),
     "wall_s": pa.float64(),
     "grid_path": pa.string(),
     "node": pa.string(),

@@ -28,7 +28,7 @@ from orchestrator.sweep_dir import SweepDir
 DIVERGED_BEFORE_FIRST_EVAL_FID = 1.0e6
 EVAL_KEYS = (
     "kimg", "fid", "is_mean", "is_std", "kid_mean", "kid_std", "extractor", "fid_samples", "final",
-    "loss_d", "loss_g", "images_per_s", "wall_s", "grid_path", "node", "node_ip", "data_source",
+    "loss_d", "loss_g", "images_per_s", "eval_seconds", "wall_s", "grid_path", "node", "node_ip", "data_source",
 )
 
 
@@ -226,9 +226,11 @@ def build_tuner(sweep: Sweep, sweep_dir: SweepDir, dataset: PreparedDataset, *, 
         scheduler = FIFOScheduler()
     search_alg = None
     if sweep.method == "optuna":
+        import optuna
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live table shows the trials
         search_alg = OptunaSearch(space=sweep.optuna_space, metric=metric, mode=mode, sampler=TPESampler(seed=sweep.search_seed))
         param_space: dict[str, Any] = {}
         num_samples = sweep.num_samples

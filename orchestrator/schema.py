@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, Val
 
 from gan.config import (
     ATTENTION_VARIANTS,
+    EXTRACTORS,
     SPLITS,
     USE_VARIANTS,
     VARIANTS,
@@ -34,7 +35,6 @@ from gan.config import (
     TrialConfig,
 )
 
-EXTRACTORS = ("inception-v3-compat", "tiny-conv")
 METRIC_GOALS = {"fid": "minimize", "kid_mean": "minimize", "is_mean": "maximize"}
 # Their valid values depend on the channel widths, so they are listed, never sampled.
 NO_DISTRIBUTION = ("heads", "use_at", "cmhsa_at")
@@ -63,7 +63,10 @@ def _section(cls: type, **overrides: Any) -> type[BaseModel]:
     hints = typing.get_type_hints(cls)
     fields: dict[str, Any] = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(cls)}
     fields.update(overrides)
-    return create_model(f"{cls.__name__}Section", __config__=_FORBID, **fields)
+    # Named like the module attribute it is bound to, so plain pickle finds it (Optuna's searcher
+    # pickles its search space, this Sweep included, when Tune saves the experiment state).
+    name = f"{cls.__name__.removesuffix('Config')}Section"
+    return create_model(name, __config__=_FORBID, __module__=__name__, **fields)
 
 
 DataSection = _section(DataConfig)

@@ -110,3 +110,44 @@ def test_report_of_the_smoke_sweep_opens_in_a_browser(smoke, tmp_path):
     assert '<table class="groups">' in dom and "use-cmhsa-gan" in dom and "stopped_early" in dom
     assert "name: smoke" in dom  # the sweep file that produced it
     assert not page_errors, page_errors
+
+
+OPTUNA_SWEEP = """
+name: opt
+method: optuna
+num_samples: 3
+data: {synthetic_count: 300}
+model: {g_widths: [16, 8, 8, 8], d_widths: [8, 8, 16, 16]}
+train: {kimg: 0.5, batch_size: 32}
+eval: {every_kimg: 0.25, fid_samples: 64, final_fid_samples: 96, extractor: tiny-conv, grid_size: 2}
+parameters:
+  lr_d: {distribution: log_uniform, min: 1.0e-4, max: 8.0e-4}
+  variant: {values: [dcgan, cmhsa-gan]}
+  heads: {values: [1, 2], when: {variant: [cmhsa-gan]}}
+scheduler: {type: asha, grace_period: 0.25, reduction_factor: 2}
+"""
+
+
+def test_sweep_pickles_for_optunas_searcher_state():
+    """OptunaSearch pickles its search space (a bound method of the Sweep) with plain pickle."""
+    import pickle
+
+    from orchestrator.schema import load_sweep
+
+    sweep = load_sweep(REPO / "sweeps" / "lr_ratio.yaml", data_override=str(REPO))
+    restored = pickle.loads(pickle.dumps(sweep.optuna_space)).__self__
+    assert restored.fingerprint() == sweep.fingerprint()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_with_asha_runs_and_records_its_proposals(tmp_path):
+    (tmp_path / "opt.yaml").write_text(OPTUNA_SWEEP)
+    proc = subprocess.run([*CLI, "sweep", str(tmp_path / "opt.yaml"), "--results", str(tmp_path / "r")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = pq.read_table(tmp_path / "r" / "opt" / "trials.parquet").to_pylist()
+    assert len(trials) == 3
+    for t in trials:
+        assert t["status"] in ("completed", "stopped_early")
+        assert 1e-4 <= t["lr_d"] <= 8e-4
+        assert (t["heads"] is None) == (t["variant"] == "dcgan")  # conditional parameter
