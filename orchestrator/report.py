@@ -26,8 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from orchestrator.leaderboard import LeaderboardError, group_trials, load_trials, parameter_names, rank_trials
 from gan.config import TINY_CONV
+from orchestrator.leaderboard import LeaderboardError, group_trials, load_trials, parameter_names, rank_trials
 from orchestrator.results import EVALUATIONS_FILE, TRIALS_FILE
 
 REPORT_FILE = "report.html"
@@ -96,9 +96,9 @@ def write_report(sweep_dir: Path, out: Path | None = None, *, group_by: list[str
     if not sweep_dir.is_dir():
         raise LeaderboardError(f"{sweep_dir}: no such sweep results directory")
     ranked_df = load_trials(sweep_dir)  # trials with at least one evaluation; raises when there are none
-    all_trials = pq.read_table(sweep_dir / TRIALS_FILE).to_pandas()
+    all_trials = pq.read_table(sweep_dir / TRIALS_FILE).to_pandas(integer_object_nulls=True)
     evaluations_file = sweep_dir / EVALUATIONS_FILE
-    evaluations = pq.read_table(evaluations_file).to_pandas() if evaluations_file.exists() else pd.DataFrame()
+    evaluations = pq.read_table(evaluations_file).to_pandas(integer_object_nulls=True) if evaluations_file.exists() else pd.DataFrame()
     by = group_by if group_by is not None else default_group_by(ranked_df)
     groups = group_trials(ranked_df, by) if by else []
     ranked = rank_trials(ranked_df)
@@ -278,7 +278,9 @@ def row_html(cells: list[str], first: bool) -> str:
 
 
 def cell(value: Any) -> str:
-    return f"<td>{'-' if value is None else esc(value)}</td>"
+    """A parameter cell; floats (learning rates) with 4 significant digits."""
+    text = "-" if value is None else format(value, ".4g") if isinstance(value, float) else value
+    return f"<td>{esc(text)}</td>"
 
 
 def num(text: Any) -> str:
