@@ -110,7 +110,7 @@ def prepare_dataset(cfg: DataConfig) -> PreparedDataset:
         )
         build = functools.partial(_build_synthetic, cfg)
     else:
-        root = Path(cfg.path).expanduser().absolute()
+        root = Path(cfg.path).expanduser().resolve()
         candidates, ignored, manifest = _scan_folder(root)
         source = str(root)
         key = _cache_key(
