@@ -189,8 +189,9 @@ class ResultsCallback(tune.Callback):
         if evals:
             best = min(evals, key=lambda r: r["fid"])
             last = evals[-1]
+            is_values = [r["is_mean"] for r in evals if r.get("is_mean") is not None]
             summary.update(
-                best_fid=best["fid"], best_fid_kimg=best["kimg"], best_is=best.get("is_mean"),
+                best_fid=best["fid"], best_fid_kimg=best["kimg"], best_is=max(is_values, default=None),
                 final_fid=last["fid"] if last.get("final") else None,
                 final_is=last.get("is_mean") if last.get("final") else None,
                 extractor=last.get("extractor"), kimg=last["kimg"], grid_path=last.get("grid_path"),
