@@ -22,7 +22,7 @@ import torchvision.utils
 
 from gan import losses
 from gan.config import TrialConfig, variant_defaults
-from gan.data import PreparedDataset, prepare_dataset
+from gan.data import PreparedDataset, prepare_dataset, to_float
 from gan.metrics import Evaluator, to_uint8
 from gan.models import build_models
 
@@ -70,8 +70,7 @@ class DeviceBatches:
             self.pos = 0
         idx = self.perm[self.pos : self.pos + self.batch_size].to(self.images.device, non_blocking=True)
         self.pos += self.batch_size
-        batch = self.images.index_select(0, idx).float().div_(127.5).sub_(1.0)
-        return batch.contiguous(memory_format=memory_format)
+        return to_float(self.images.index_select(0, idx)).contiguous(memory_format=memory_format)
 
     def state(self) -> dict[str, Any]:
         return {"rng": self.rng.get_state(), "perm": self.perm, "pos": self.pos}
