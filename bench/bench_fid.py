@@ -38,7 +38,7 @@ from bench_train import REPO, device_name, markdown_table, run_metadata, synchro
 
 from gan.config import DataConfig, EvalConfig, ModelConfig, TrainConfig, TrialConfig  # noqa: E402  (bench_train put the repo on sys.path)
 from gan.data import prepare_dataset  # noqa: E402
-from gan.metrics import EXTRACTORS, Evaluator, to_uint8  # noqa: E402
+from gan.metrics import EXTRACTORS, Evaluator, exact_float32, to_uint8  # noqa: E402
 from gan.models import build_models  # noqa: E402
 from gan.training import CHECKPOINT_FILE, load_trial_config, training_loop  # noqa: E402
 
@@ -192,12 +192,13 @@ def time_routes(args, device, dataset_key, real, sampler, tmp: Path) -> list[dic
             write_pngs(images, fake_dir, first)
             generate, write = generate + t1 - t0, write + time.perf_counter() - t1
         t_metric = time.perf_counter()
-        metrics = torch_fidelity.calculate_metrics(
-            input1=str(fake_dir), input2=str(real_dir), fid=True, cuda=device.type == "cuda",
-            batch_size=args.tf_batch, feature_extractor=args.extractor,
-            feature_extractor_weights_path=args.weights, cache_root=str(tmp / "tf-cache"),
-            input2_cache_name=f"bench-real-{dataset_key[:16]}-{args.split}-{args.extractor}", verbose=False,
-        )
+        with exact_float32():  # as the Evaluator extracts: without it cuDNN convolutions default to TF32
+            metrics = torch_fidelity.calculate_metrics(
+                input1=str(fake_dir), input2=str(real_dir), fid=True, cuda=device.type == "cuda",
+                batch_size=args.tf_batch, feature_extractor=args.extractor,
+                feature_extractor_weights_path=args.weights, cache_root=str(tmp / "tf-cache"),
+                input2_cache_name=f"bench-real-{dataset_key[:16]}-{args.split}-{args.extractor}", verbose=False,
+            )
         end = time.perf_counter()
         rows.append({"route": "torch-fidelity (PNG folders)", "real_stats": real_stats, "samples": n,
                      "generate_s": round(generate, 2), "write_png_s": round(write, 2),

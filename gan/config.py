@@ -51,8 +51,8 @@ class DataConfig:
 class TrainConfig:
     kimg: float = 400.0  # budget: thousands of real images shown to D
     batch_size: int = 100
-    lr_d: float = 4e-4
-    lr_g: float = 1e-4
+    lr_d: float | None = None  # None: variant default (4e-4, both papers; wgan 1e-4, WGAN-GP)
+    lr_g: float | None = None  # None: variant default (1e-4)
     beta1: float | None = None  # None: variant default (0.5; wgan 0.0)
     beta2: float | None = None  # None: variant default (0.999; wgan 0.9)
     d_steps: int | None = None  # D steps per G step; None: variant default (1; wgan 5)
@@ -108,7 +108,19 @@ class TrialConfig:
 
 
 def variant_defaults(variant: str) -> dict[str, float]:
-    """Optimiser settings each objective is known to train with (WGAN-GP paper for wgan)."""
+    """Optimiser settings each objective was published with: a baseline gets its own paper's settings.
+
+    BCE variants and vae-gan: the DCGAN-channels paper (lr D 4e-4 / G 1e-4, Adam beta1 0.5).
+    wgan: WGAN-GP (Gulrajani et al. 2017, Algorithm 1): lr 1e-4 for both, Adam (0, 0.9), 5 critic steps.
+    """
     if variant == "wgan":
-        return {"beta1": 0.0, "beta2": 0.9, "d_steps": 5}
-    return {"beta1": 0.5, "beta2": 0.999, "d_steps": 1}
+        return {"lr_d": 1e-4, "lr_g": 1e-4, "beta1": 0.0, "beta2": 0.9, "d_steps": 5}
+    return {"lr_d": 4e-4, "lr_g": 1e-4, "beta1": 0.5, "beta2": 0.999, "d_steps": 1}
+
+
+def optimiser_settings(variant: str, train: "TrainConfig") -> dict[str, float]:
+    """The effective lr_d, lr_g, beta1, beta2, d_steps: the trial's own value where set, else the variant's."""
+    defaults = variant_defaults(variant)
+    chosen = {k: getattr(train, k) if getattr(train, k) is not None else v for k, v in defaults.items()}
+    chosen["d_steps"] = int(chosen["d_steps"])
+    return chosen

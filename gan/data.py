@@ -118,7 +118,7 @@ def prepare_dataset(cfg: DataConfig) -> PreparedDataset:
         )
         build = functools.partial(_decode_folder, root, candidates, ignored, cfg)
 
-    entry = _cache_root(cfg) / key
+    entry = _writable_cache_root(cfg) / key
     cached = _load_cache(entry)
     cache_hit = cached is not None
     if cached is None:
@@ -156,6 +156,23 @@ def _min_side(cfg: DataConfig) -> int:
 def _cache_root(cfg: DataConfig) -> Path:
     base = cfg.cache_dir or os.environ.get("GAN_CACHE_DIR") or Path.home() / ".cache" / "gan-sweeps"
     return Path(base).expanduser() / "data"
+
+
+def _writable_cache_root(cfg: DataConfig) -> Path:
+    """The data cache folder, created and probed with a file: a sweep's trials write their FID
+    statistics beside it, so a cache that cannot be written fails here in one line, not in every trial."""
+    root = _cache_root(cfg)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else (e.strerror or str(e))
+        raise DataError(
+            f"{root}: cannot create or write the data cache ({reason}); set data.cache_dir or GAN_CACHE_DIR "
+            "to a writable folder"
+        ) from None
+    return root
 
 
 def _scan_folder(root: Path) -> tuple[list[tuple[str, Path]], int, list]:

@@ -66,15 +66,30 @@ def reparameterise(mu: Tensor, logvar: Tensor) -> Tensor:
     return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
 
 
+def feature_nll(recon_features: Tensor, real_features: Tensor) -> Tensor:
+    """Larsen et al. 2016's learned-similarity term: -log N(Dis_l(x) | Dis_l(x~), I), dropping the
+    constant, i.e. half the squared error summed over every feature of D's last hidden layer and
+    averaged over the batch (a sum, like the KL term it is weighed against, not a mean over features)."""
+    return 0.5 * (recon_features - real_features).pow(2).flatten(1).sum(dim=1).mean()
+
+
+def _d_real_and_recon(D: nn.Module, real: Tensor, recon: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """D on real images and their reconstructions as ONE batch, so BatchNorm normalises both with the
+    same statistics (their features are compared with each other)."""
+    logits, features = D(torch.cat([real, recon]), return_features=True)
+    n = real.shape[0]
+    return logits[:n], logits[n:], features[:n], features[n:]
+
+
 def vaegan_d_loss(E: nn.Module, G: nn.Module, D: nn.Module, real: Tensor, z: Tensor) -> dict[str, Tensor]:
     """Larsen et al. 2016: D tells real images from reconstructions and from prior samples."""
     with torch.no_grad():
         recon = G(reparameterise(*E(real)))
         sample = G(z)
-    real_logits = D(real)
+    real_logits, recon_logits, _, _ = _d_real_and_recon(D, real, recon)
     loss = (
         F.softplus(-real_logits).mean()
-        + F.softplus(D(recon)).mean()
+        + F.softplus(recon_logits).mean()
         + F.softplus(D(sample)).mean()
     )
     return {"loss_d": loss}
@@ -83,15 +98,16 @@ def vaegan_d_loss(E: nn.Module, G: nn.Module, D: nn.Module, real: Tensor, z: Ten
 def vaegan_eg_losses(
     E: nn.Module, G: nn.Module, D: nn.Module, real: Tensor, z: Tensor, recon_weight: float, kl_weight: float
 ) -> dict[str, Tensor]:
-    """Encoder loss = KL prior + learned-similarity reconstruction (on D's last hidden features);
-    decoder (G) loss = recon_weight * reconstruction + non-saturating GAN loss on reconstructions and samples.
-    The caller back-propagates loss_e into E only and loss_g into G only, as in Larsen et al."""
+    """Larsen et al. 2016, eqs (8)-(10) with the non-saturating GAN loss:
+    encoder loss  = kl_weight * L_prior + L_llike,
+    decoder loss  = recon_weight * L_llike (the paper's gamma) + GAN loss on reconstructions and samples,
+    where L_prior = KL(q(z|x) || N(0, I)) summed over latent dims and L_llike = `feature_nll`.
+    The caller back-propagates loss_e into E only and loss_g into G only; D is trained by its own loss."""
     mu, logvar = E(real)
     recon = G(reparameterise(mu, logvar))
-    _, real_features = D(real, return_features=True)
-    recon_logits, recon_features = D(recon, return_features=True)
+    _, recon_logits, real_features, recon_features = _d_real_and_recon(D, real, recon)
     sample_logits = D(G(z))
-    reconstruction = F.mse_loss(recon_features, real_features.detach())
+    reconstruction = feature_nll(recon_features, real_features.detach())
     kl = kl_to_standard_normal(mu, logvar)
     loss_e = kl_weight * kl + reconstruction
     loss_g = recon_weight * reconstruction + bce_g_loss(recon_logits) + bce_g_loss(sample_logits)

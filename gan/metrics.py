@@ -2,11 +2,14 @@
 
 torch-fidelity supplies the feature extractors (through its registry) and the metric math;
 this module adds what a sweep needs around them: in-memory generation instead of PNG files,
-real-split statistics cached on disk once per dataset/split/extractor, and a clear error
-when the InceptionV3 weights cannot be obtained offline.
+real-split statistics cached on disk once per dataset/split/extractor weights, every
+extractor call in exact fp32 (no TF32), and a clear error when the InceptionV3 weights cannot
+be obtained offline.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import http.client
 import os
@@ -22,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
+from torch_fidelity import __version__ as TORCH_FIDELITY_VERSION
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
@@ -153,6 +157,35 @@ def build_extractor(
     ).to(device)
 
 
+def extractor_identity(extractor: str, module: FeatureExtractorBase, weights_path: str | None = None) -> str:
+    """A hash of the weights `module` computes with, so cached statistics of other weights are never reused.
+
+    tiny-conv: its generated state_dict. Inception: the weights file build_extractor loaded
+    (`weights_path`, else $GAN_INCEPTION_WEIGHTS, else torch.hub's cached download).
+    """
+    if extractor == TINY_CONV:
+        digest = hashlib.sha256()
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+    path = weights_path or os.environ.get(WEIGHTS_ENV) or Path(torch.hub.get_dir()) / "checkpoints" / Path(
+        URL_INCEPTION_V3
+    ).name
+    stat = Path(path).stat()
+    return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Hashed once per process (Inception's file is ~100 MB); size and mtime in the key catch a replaced file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _build_downloading_weights(layers: list[str]) -> FeatureExtractorBase:
     """Inception from torch.hub's cache, downloading the weights there if absent."""
     previous_timeout = socket.getdefaulttimeout()
@@ -169,6 +202,28 @@ def _build_downloading_weights(layers: list[str]) -> FeatureExtractorBase:
         socket.setdefaulttimeout(previous_timeout)
 
 
+# TF32 switches that reach an fp32 extractor on CUDA. torch's fp32_precision API: writes to the
+# legacy allow_tf32 flags land here too, so saving and restoring these keeps either kind of caller's setting.
+_TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """No TF32 in matmuls and convolutions inside the block; the caller's settings come back after.
+
+    Every extractor call goes through this, so real statistics and samples are scored alike
+    whatever the training loop (or any other caller) switched on: FIDs compare across runs and machines.
+    """
+    saved = [switch.fp32_precision for switch in _TF32_SWITCHES]
+    try:
+        for switch in _TF32_SWITCHES:
+            switch.fp32_precision = "ieee"
+        yield
+    finally:
+        for switch, precision in zip(_TF32_SWITCHES, saved):
+            switch.fp32_precision = precision
+
+
 def _extract(
     module: FeatureExtractorBase,
     batches: Callable[[], Iterator[torch.Tensor]],
@@ -176,7 +231,7 @@ def _extract(
 ) -> dict[str, torch.Tensor]:
     """Run the extractor over uint8 batches; features stay on device until one final CPU float64 copy."""
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in module.features_list}
-    with torch.no_grad():
+    with torch.no_grad(), exact_float32():
         for images in batches():
             outputs = module(images.to(device, non_blocking=True))
             for name, feature in zip(module.features_list, outputs):
@@ -229,11 +284,23 @@ def default_cache_dir() -> Path:
 
 
 def real_stats_path(
-    cache_dir: str | None, *, dataset_key: str, split: str, real_shape: tuple[int, ...], extractor: str
+    cache_dir: str | None,
+    *,
+    dataset_key: str,
+    split: str,
+    real_shape: tuple[int, ...],
+    extractor: str,
+    weights_id: str,
 ) -> Path:
-    """Where a real split's FID statistics are cached; KID features sit beside it (-features.npy)."""
+    """Where a real split's FID statistics are cached; KID features sit beside it (-features.npy).
+
+    The key holds the extractor's weights hash (`extractor_identity`) and torch-fidelity's
+    version, so new weights or new feature code never reuse old statistics."""
     count, _, height, width = real_shape
-    stem = "-".join([_safe_name(dataset_key), _safe_name(split), f"{height}x{width}", extractor, f"n{count}"])
+    stem = "-".join([
+        _safe_name(dataset_key), _safe_name(split), f"{height}x{width}", extractor, f"n{count}",
+        f"w{weights_id[:16]}", f"tf{_safe_name(TORCH_FIDELITY_VERSION)}",
+    ])
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     return root / "fid-stats" / f"{stem}.npz"
 
@@ -242,7 +309,8 @@ class Evaluator:
     """Scores generator samples against one real split; build once per trial.
 
     The real split's FID statistics (and, for KID, its features) are computed once per
-    dataset_key/split/image size/extractor and cached under <cache_dir>/fid-stats/.
+    dataset_key/split/image size/extractor weights/torch-fidelity version and cached under
+    <cache_dir>/fid-stats/.
     """
 
     def __init__(
@@ -269,7 +337,8 @@ class Evaluator:
         self._module = build_extractor(extractor, weights_path=weights_path, device=self.device)
         self._fid_layer, self._isc_layer = _feature_layers(extractor)
         self.stats_path = real_stats_path(
-            cache_dir, dataset_key=dataset_key, split=split, real_shape=real_images.shape, extractor=extractor
+            cache_dir, dataset_key=dataset_key, split=split, real_shape=real_images.shape, extractor=extractor,
+            weights_id=extractor_identity(extractor, self._module, weights_path),
         )
         self.features_path = self.stats_path.with_name(f"{self.stats_path.stem}-features.npy")
         self._real_stats: dict[str, np.ndarray] = {}
@@ -332,7 +401,8 @@ class Evaluator:
                 self._load_or_compute_real(with_features=True)
             real = self._real_features.to(torch.float64)
             subset = min(KID_MAX_SUBSET, len(fake), len(real))
-            scores = kid_features_to_metric(real, fake, kid_subset_size=subset, verbose=False)
+            # generated first, as torch-fidelity orders input1/input2: the same random subsets, the same KID
+            scores = kid_features_to_metric(fake, real, kid_subset_size=subset, verbose=False)
             result["kid_mean"] = scores[KEY_METRIC_KID_MEAN]
             result["kid_std"] = scores[KEY_METRIC_KID_STD]
         result["extractor"] = self.extractor

@@ -21,7 +21,7 @@ import torch
 import torchvision.utils
 
 from gan import losses
-from gan.config import TrialConfig, variant_defaults
+from gan.config import TrialConfig, optimiser_settings
 from gan.data import PreparedDataset, prepare_dataset, to_float
 from gan.metrics import Evaluator, to_uint8
 from gan.models import build_models
@@ -87,18 +87,18 @@ def training_loop(
     report: ReportFn | None = None,
     resume_from: str | os.PathLike | None = None,
     dataset: PreparedDataset | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train cfg's model for cfg.train.kimg thousand real images, evaluating every
     cfg.eval.every_kimg. `resume_from` is a checkpoint directory (or file) written by an
-    earlier call. Returns the final status; a diverged trial ends with status 'diverged'."""
+    earlier call. Each evaluation's checkpoint replaces the one in `checkpoint_dir` (default
+    run_dir/checkpoint). Returns the final status; a diverged trial ends with status 'diverged'."""
     run_dir = Path(run_dir)
     (run_dir / "grids").mkdir(parents=True, exist_ok=True)
     (run_dir / "options.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tc, ec, mc = cfg.train, cfg.eval, cfg.model
-    opt_defaults = variant_defaults(mc.variant)
-    beta1 = tc.beta1 if tc.beta1 is not None else opt_defaults["beta1"]
-    beta2 = tc.beta2 if tc.beta2 is not None else opt_defaults["beta2"]
-    d_steps = int(tc.d_steps if tc.d_steps is not None else opt_defaults["d_steps"])
+    opt = optimiser_settings(mc.variant, tc)
+    beta1, beta2, d_steps = opt["beta1"], opt["beta2"], opt["d_steps"]
 
     device = pick_device(tc.device)
     cuda = device.type == "cuda"
@@ -127,9 +127,9 @@ def training_loop(
         m.to(device=device, memory_format=memory_format)
     G, D, E = models["G"], models["D"], models.get("E")
     fused = cuda  # fused Adam: one kernel per step instead of one per parameter
-    opt_d = torch.optim.Adam(D.parameters(), lr=tc.lr_d, betas=(beta1, beta2), fused=fused)
+    opt_d = torch.optim.Adam(D.parameters(), lr=opt["lr_d"], betas=(beta1, beta2), fused=fused)
     g_params = list(G.parameters()) + (list(E.parameters()) if E is not None else [])
-    opt_g = torch.optim.Adam(g_params, lr=tc.lr_g, betas=(beta1, beta2), fused=fused)
+    opt_g = torch.optim.Adam(g_params, lr=opt["lr_g"], betas=(beta1, beta2), fused=fused)
     # Training runs through (optionally) compiled wrappers; state is saved from the originals.
     Gc, Dc, Ec = (torch.compile(m) if (tc.compile and cuda and m is not None) else m for m in (G, D, E))
 
@@ -141,9 +141,11 @@ def training_loop(
     budget = int(round(tc.kimg * 1000))
     every = int(round(ec.every_kimg * 1000))
     next_eval = min(budget, (state["images_shown"] // every + 1) * every)
+    # Sums of each logged loss since the last report, and how many steps added to each: D's losses
+    # are added once per critic step (d_steps per G step), G's once per G step; both are reported as means.
     loss_sums: dict[str, torch.Tensor] = {}
+    loss_counts: dict[str, int] = {}
     finite = torch.ones((), dtype=torch.bool, device=device)
-    steps_since_report = 0
     t_train = time.perf_counter()
     train_seconds = 0.0
     images_since_report = 0
@@ -155,6 +157,7 @@ def training_loop(
             v = v.detach().float()
             finite = finite & torch.isfinite(v)
             loss_sums[k] = loss_sums[k] + v if k in loss_sums else v.clone()
+            loss_counts[k] = loss_counts.get(k, 0) + 1
 
     def noise(n: int) -> torch.Tensor:
         return torch.randn(n, mc.nz, device=device)
@@ -197,7 +200,6 @@ def training_loop(
         opt_g.step()
         accumulate(out)
         state["step"] += 1
-        steps_since_report += 1
 
         if state["step"] % DIVERGENCE_CHECK_STEPS == 0 and not bool(finite):
             return _diverged(state, "non-finite loss")
@@ -231,7 +233,8 @@ def training_loop(
         metrics: dict[str, Any] = {
             "kimg": kimg,
             **scores,
-            **{k: (v / steps_since_report).item() for k, v in loss_sums.items()},
+            "g_steps": state["step"],  # generator updates: wgan makes d_steps times fewer per kimg
+            **{k: (v / loss_counts[k]).item() for k, v in loss_sums.items()},
             "images_per_s": images_since_report / max(train_seconds, 1e-9),
             "wall_s": time.perf_counter() - t_wall0,
             "final": final,
@@ -247,11 +250,12 @@ def training_loop(
         state["last_metrics"] = metrics
         with open(run_dir / "stats.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        ckpt_dir = _save_checkpoint(run_dir, cfg, models, opt_d, opt_g, batches, state)
+        ckpt_dir = _save_checkpoint(Path(checkpoint_dir or run_dir / "checkpoint"), cfg, models, opt_d, opt_g, batches, state)
         if report is not None:
             report(metrics, str(ckpt_dir))
         loss_sums.clear()
-        steps_since_report = images_since_report = 0
+        loss_counts.clear()
+        images_since_report = 0
         train_seconds = 0.0
         next_eval = min(budget, next_eval + every)
         t_train = time.perf_counter()
@@ -274,8 +278,8 @@ def _diverged(state: dict[str, Any], reason: str) -> TrainResult:
     return TrainResult("diverged", state["images_shown"] / 1000, state["last_metrics"], state["best_fid"], reason)
 
 
-def _save_checkpoint(run_dir, cfg, models, opt_d, opt_g, batches, state) -> Path:
-    """Write the full state to run_dir/checkpoint/ atomically (temp dir, then rename)."""
+def _save_checkpoint(final: Path, cfg, models, opt_d, opt_g, batches, state) -> Path:
+    """Write the full state to the directory `final` atomically (temp dir beside it, then rename)."""
     payload = {
         "models": {name: m.state_dict() for name, m in models.items()},
         "opt_d": opt_d.state_dict(),
@@ -286,12 +290,11 @@ def _save_checkpoint(run_dir, cfg, models, opt_d, opt_g, batches, state) -> Path
         "state": json.dumps(state),
         "config": json.dumps(cfg.to_dict()),
     }
-    final = run_dir / "checkpoint"
-    tmp = run_dir / f".checkpoint-{os.getpid()}.tmp"
+    tmp = final.parent / f".{final.name}-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     torch.save(payload, tmp / CHECKPOINT_FILE)
-    old = run_dir / f".checkpoint-{os.getpid()}.old"
+    old = final.parent / f".{final.name}-{os.getpid()}.old"
     if final.exists():
         final.rename(old)
     tmp.rename(final)

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from gan.config import DataConfig
 from gan.data import DataError, prepare_dataset
-from orchestrator.leaderboard import LeaderboardError, find_sweep, group_trials, load_trials, rank_trials
+from orchestrator.leaderboard import LeaderboardError, find_sweep, load_trials
 from orchestrator.schema import SweepError, load_sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -37,9 +37,10 @@ def fail(message: str) -> None:
 
 def user_errors():
     """The exception types whose message is a complete, user-facing sentence."""
+    from orchestrator.storage import StorageError
     from orchestrator.sweep_dir import SweepDirError
 
-    errors = (SweepError, SweepDirError, DataError, LeaderboardError)
+    errors = (SweepError, SweepDirError, DataError, LeaderboardError, StorageError)
     # Importing gan.metrics costs seconds (torchvision, torch-fidelity); it can only have raised if imported.
     metrics = sys.modules.get("gan.metrics")
     return errors + (metrics.ExtractorUnavailable,) if metrics is not None else errors
@@ -70,49 +71,96 @@ def sweep(
     results: Path = typer.Option(DEFAULT_RESULTS, "--results", help="Results root; the sweep writes <results>/<name>/."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto': the running one). Default: start a local Ray."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep of the same name and content."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where Ray Tune keeps checkpoints and state: s3://..., gs://... or a path every node mounts. Default: <results>/<name>/tune."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the expanded trials; start nothing."),
 ) -> None:
     """Run a sweep on Ray Tune (local by default)."""
+    from orchestrator.sweep_run import SweepInterrupted, run_sweep  # Ray only once the sweep runs
+
     try:
         spec = load_sweep(file, data_override=data)
+        for note in spec.warnings():
+            typer.echo(f"warning: {note}", err=True)
         if dry_run:
             print_trials(spec)
             return
-        from orchestrator.sweep_run import run_sweep  # imports Ray
-
-        run_sweep(spec, results, address=address, resume=resume, console=console)
+        run_sweep(spec, results, address=address, resume=resume, console=console, storage=storage)
     except user_errors() as exc:
         fail(str(exc))
+    except SweepInterrupted as stop:
+        again = rerun_command(file, data=data, results=results, address=address, resume=stop.resumable)
+        typer.echo(
+            f"interrupted: {stop.unfinished} of {stop.total} trials unfinished; "
+            f"{'continue' if stop.resumable else 'start it again'} with: {again}", err=True,
+        )
+        raise typer.Exit(128 + stop.signum if stop.signum else 1)
+    except KeyboardInterrupt:  # before the sweep's own signal handling was in place
+        typer.echo("interrupted: nothing ran", err=True)
+        raise typer.Exit(130)
     except ConnectionError as exc:
         if address is None:
             raise
-        fail(
-            f"cannot join the Ray cluster at {address}: {exc}; if it uses token authentication, export "
-            "RAY_AUTH_MODE=token (Ray reads the token from ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+        from orchestrator.runner import RayUnreachable
+
+        auth = "" if isinstance(exc, RayUnreachable) else (
+            "; if it uses token authentication, export RAY_AUTH_MODE=token (Ray reads the token from "
+            "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
         )
+        fail(f"cannot join the Ray cluster at {address}: {exc}{auth}")
+
+
+def rerun_command(file: Path, *, data: Optional[str], results: Path, address: Optional[str], resume: bool) -> str:
+    """The `orchestrator sweep` command line that continues (or restarts) this sweep with the same flags."""
+    import shlex
+
+    words = ["orchestrator", "sweep", str(file)] + (["--resume"] if resume else [])
+    for flag, value in (("--data", data), ("--results", results if results != DEFAULT_RESULTS else None),
+                        ("--address", address)):
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words)
 
 
 def print_trials(spec) -> None:
+    console.print(scheduler_line(spec))
     if spec.method == "optuna":
         console.print(f"{spec.name}: method optuna proposes {spec.num_samples} trials at run time from:")
         for name, param in spec.parameters.items():
             console.print(f"  {name}: {param.model_dump(exclude_none=True)}")
         return
     trials = spec.trials()
-    names = sorted({k for t in trials for k in t})
+    names = [n for n in sorted({k for t in trials for k in t}) if n != "seed"]
     table = Table(title=f"{spec.name}: {len(trials)} trials ({spec.method})", title_justify="left")
     table.add_column("#", justify="right")
     for name in names:
         table.add_column(name)
+    table.add_column("seed (effective)")
     for i, t in enumerate(trials):
-        table.add_row(str(i), *[("-" if name not in t else str(t[name])) for name in names])
+        seed = spec.trial_config(t).train.seed
+        table.add_row(str(i), *[("-" if name not in t else str(t[name])) for name in names], str(seed))
     console.print(table)
+
+
+def scheduler_line(spec) -> str:
+    s = spec.scheduler
+    if s.type == "fifo":
+        return "scheduler: fifo (every trial runs its whole budget)"
+    what = ("configurations, judged on the mean over their seeds (seeds stop together)" if s.unit == "config"
+            else "single trials")
+    return (f"scheduler: asha, unit {s.unit}: culls {what}; rungs from {s.grace_period:g} kimg, "
+            f"keep 1/{s.reduction_factor:g}, max_t {s.max_t:g}")
 
 
 class Format(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
+    markdown = "markdown"
+    latex = "latex"
+
+
+def split_columns(text: Optional[str]) -> Optional[list[str]]:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
 @app.command()
@@ -120,27 +168,43 @@ def leaderboard(
     results: Path = typer.Option(DEFAULT_RESULTS, "--results", help="Results root."),
     sweep_name: Optional[str] = typer.Option(None, "--sweep", help="Sweep name (needed when the root holds several)."),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="Comma-separated parameters, e.g. 'variant' or 'variant,g_widths'."),
-    top: Optional[int] = typer.Option(None, "--top", min=1, help="Show the best N rows (per extractor)."),
-    fmt: Format = typer.Option(Format.table, "--format", help="table | json | csv"),
+    top: Optional[int] = typer.Option(None, "--top", min=1, help="Show the best N rows (per block of comparable numbers)."),
+    at_kimg: Optional[float] = typer.Option(None, "--at-kimg", help="Compare every trial that reached an evaluation at this kimg, on that evaluation (default: the final FID)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="KEY=VALUE: with --group-by, each group's FID difference to this group, 95% CI and p-value."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table | json | csv | markdown | latex"),
 ) -> None:
-    """Trials ranked by best FID, or groups with mean ± 95% CI over seeds."""
+    """Trials ranked by final FID (or at --at-kimg), or groups with mean ± 95% CI over seeds."""
+    from orchestrator.board_format import as_csv, as_json, as_latex, as_markdown, sections
+    from orchestrator.leaderboard import build_board, parameter_names
+
     try:
-        df = load_trials(find_sweep(results, sweep_name))
-        by = [c.strip() for c in group_by.split(",") if c.strip()] if group_by else None
-        rows = group_trials(df, by, top) if by else rank_trials(df, top)
+        sweep_dir = find_sweep(results, sweep_name)
+        by = split_columns(group_by)
+        board = build_board(sweep_dir, group_by=by, top=top, at_kimg=at_kimg, baseline=baseline)
+        params = parameter_names(load_trials(sweep_dir))
     except user_errors() as exc:
         fail(str(exc))
-    if fmt is Format.json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-    elif fmt is Format.csv:
-        import csv
-
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    note = board.partial_note
+    if fmt in (Format.json, Format.csv):
+        sys.stdout.write(as_json(board) if fmt is Format.json else as_csv(board))
+        if note:  # stdout stays machine-readable
+            typer.echo(f"warning: {note}", err=True)
+        return
+    secs = sections(board, by, params)
+    if fmt is Format.markdown:
+        sys.stdout.write(as_markdown(secs, note))
+    elif fmt is Format.latex:
+        sys.stdout.write(as_latex(secs, note))
     else:
-        for table in leaderboard_tables(rows, grouped=bool(by)):
+        for sec in secs:
+            table = Table(title=sec.title, title_justify="left")
+            for h in sec.headers:
+                table.add_column(h)
+            for row in sec.rows:
+                table.add_row(*row)
             console.print(table)
+        if note:
+            console.print(f"[yellow]{note}[/]")
 
 
 @app.command()
@@ -150,44 +214,18 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default <results>/<name>/report.html)."),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="Comma-separated parameters to group the leaderboard by."),
     top: int = typer.Option(4, "--top", min=1, help="Show the sample grids of the best N trials."),
+    at_kimg: Optional[float] = typer.Option(None, "--at-kimg", help="Compare trials at this kimg instead of on the final FID."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="KEY=VALUE: differences to this group (with --group-by or the default grouping)."),
 ) -> None:
     """Write one self-contained HTML report: leaderboard, FID curves, sample grids, the sweep file."""
     from orchestrator.report import write_report  # matplotlib: only when asked for
 
     try:
-        by = [c.strip() for c in group_by.split(",") if c.strip()] if group_by else None
-        path = write_report(find_sweep(results, sweep_name), out, group_by=by, top=top)
+        path = write_report(find_sweep(results, sweep_name), out, group_by=split_columns(group_by), top=top,
+                            at_kimg=at_kimg, baseline=baseline)
     except user_errors() as exc:
         fail(str(exc))
     console.print(f"report: {path}")
-
-
-def leaderboard_tables(rows: list[dict], grouped: bool) -> list[Table]:
-    """One table per feature extractor: their FIDs are not comparable."""
-    extractors = sorted({r["extractor"] for r in rows})
-    return [leaderboard_table([r for r in rows if r["extractor"] == e], grouped, e) for e in extractors]
-
-
-def leaderboard_table(rows: list[dict], grouped: bool, extractor: str) -> Table:
-    title = f"extractor {extractor}: lower FID is better" + (" (mean ± 95% CI over trials)" if grouped else "")
-    table = Table(title=title, title_justify="left")
-    hidden = {"best_fid_ci95", "best_is_ci95", "extractor"}
-    columns = [c for c in rows[0] if c not in hidden]
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        cells = []
-        for c in columns:
-            value = r[c]
-            if grouped and c in ("best_fid_mean", "best_is_mean") and value is not None:
-                ci = r[c.replace("_mean", "_ci95")]
-                cells.append(f"{value:.2f} ± {ci:.2f}" if ci is not None else f"{value:.2f}")
-            elif isinstance(value, float):
-                cells.append(f"{value:.3g}" if abs(value) < 0.01 else f"{value:.2f}")
-            else:
-                cells.append("-" if value is None else str(value))
-        table.add_row(*cells)
-    return table
 
 
 if __name__ == "__main__":

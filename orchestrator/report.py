@@ -27,7 +27,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from gan.config import TINY_CONV
-from orchestrator.leaderboard import LeaderboardError, group_trials, load_trials, parameter_names, rank_trials
+from orchestrator.board_format import Section, sections
+from orchestrator.leaderboard import Board, LeaderboardError, build_board, load_trials, parameter_names
 from orchestrator.results import EVALUATIONS_FILE, TRIALS_FILE
 
 REPORT_FILE = "report.html"
@@ -90,26 +91,30 @@ window.addEventListener("load", function () {
 """
 
 
-def write_report(sweep_dir: Path, out: Path | None = None, *, group_by: list[str] | None = None, top: int = 4) -> Path:
+def write_report(sweep_dir: Path, out: Path | None = None, *, group_by: list[str] | None = None, top: int = 4,
+                 at_kimg: float | None = None, baseline: str | None = None) -> Path:
     """Write the sweep's HTML report (default `<sweep_dir>/report.html`) and return its path."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise LeaderboardError(f"{sweep_dir}: no such sweep results directory")
-    ranked_df = load_trials(sweep_dir)  # trials with at least one evaluation; raises when there are none
-    all_trials = pq.read_table(sweep_dir / TRIALS_FILE).to_pandas(integer_object_nulls=True)
+    all_trials = load_trials(sweep_dir)  # raises when no trial has an evaluation yet
+    ranked_df = all_trials[all_trials["evaluations"].fillna(0).astype(int) > 0]
     evaluations_file = sweep_dir / EVALUATIONS_FILE
     evaluations = pq.read_table(evaluations_file).to_pandas(integer_object_nulls=True) if evaluations_file.exists() else pd.DataFrame()
     by = group_by if group_by is not None else default_group_by(ranked_df)
-    groups = group_trials(ranked_df, by) if by else []
-    ranked = rank_trials(ranked_df)
+    # The same tables as `orchestrator leaderboard` (final FID by default, never pooled across blocks).
+    groups = build_board(sweep_dir, group_by=by, at_kimg=at_kimg, baseline=baseline) if by else None
+    trials_board = build_board(sweep_dir, at_kimg=at_kimg)
+    ranked = [r for r in trials_board.rows if r["rank"] is not None]
     sweep_text = (sweep_dir / SWEEP_FILE).read_text() if (sweep_dir / SWEEP_FILE).exists() else None
     name = str(all_trials["sweep"].dropna().iloc[0]) if all_trials["sweep"].notna().any() else sweep_dir.name
 
     body = [
         header(name, sweep_dir, all_trials, sweep_text),
-        leaderboard_section(groups, by, ranked, parameter_names(ranked_df), all_trials),
-        curves_section(evaluations, all_trials, by, [group_label(r, by or ["trial_id"]) for r in groups or ranked]),
-        grids_section(sweep_dir, ranked_df, ranked, parameter_names(ranked_df), top),
+        leaderboard_section(groups, trials_board, by, parameter_names(all_trials)),
+        curves_section(evaluations, all_trials, by,
+                       [group_label(r, by or ["trial_id"]) for r in (groups.rows if groups else trials_board.rows)]),
+        grids_section(sweep_dir, ranked_df, ranked, parameter_names(all_trials), top, trials_board.label),
         sweep_file_section(sweep_text),
     ]
     page = (
@@ -119,8 +124,12 @@ def write_report(sweep_dir: Path, out: Path | None = None, *, group_by: list[str
         f"<script>{IMAGE_CHECK_JS}</script></head>\n<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
     )
     out = Path(out) if out is not None else sweep_dir / REPORT_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+    except OSError as exc:  # --out under a regular file, in /proc, a directory, a read-only disk
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else (exc.strerror or str(exc))
+        raise LeaderboardError(f"{out}: cannot write the report ({reason})") from None
     return out
 
 
@@ -201,59 +210,30 @@ def sweep_description(sweep_text: str | None) -> str | None:
 # ---- leaderboard --------------------------------------------------------------------------------
 
 
-def leaderboard_section(
-    groups: list[dict[str, Any]], by: list[str] | None, ranked: list[dict[str, Any]], params: list[str],
-    trials: pd.DataFrame,
-) -> str:
+def leaderboard_section(groups: Board | None, trials: Board, by: list[str] | None, params: list[str]) -> str:
     parts = ['<h2 id="leaderboard">Leaderboard</h2>',
-             '<p class="muted">Lower FID is better. Rows are ranked within one feature extractor.</p>']
-    if by:
-        parts.append(f"<h3>By {esc(', '.join(by))}: best FID, mean &plusmn; 95% CI over trials</h3>")
-        for extractor, rows in by_extractor(groups):
-            parts.append(group_table(rows, by, extractor))
-    parts.append("<h3>Trials by best FID</h3>")
-    for extractor, rows in by_extractor(ranked):
-        parts.append(trial_table(rows, params, extractor, trials))
-    unranked = trials[trials["best_fid"].isna()]
-    if not unranked.empty:
-        items = ", ".join(
-            f"{esc(r.trial_id)} ({esc(r.status)}{': ' + esc(r.reason) if has_text(r.reason) else ''})"
-            for r in unranked.itertuples()
-        )
-        parts.append(f'<div class="note">Not ranked (no evaluation yet): {items}</div>')
+             f'<p class="muted">Ranked on the {esc(trials.label)} (lower is better): numbers with another extractor, '
+             "kimg or sample count are never pooled; trials without one are listed after the ranking and never "
+             "enter a mean.</p>"]
+    if trials.partial_note:
+        parts.append(f'<div class="warn">{esc(trials.partial_note)}</div>')
+    if groups is not None:
+        parts.append(f"<h3>By {esc(', '.join(by))}: mean &plusmn; 95% CI over trials</h3>")
+        parts += [section_html(sec, "groups") for sec in sections(groups, by, params)]
+    parts.append(f"<h3>Trials by {esc(trials.label)}</h3>")
+    parts += [section_html(sec, "trials") for sec in sections(trials, None, params)]
     return "\n".join(parts)
 
 
-def by_extractor(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    split: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        split.setdefault(row["extractor"], []).append(row)
-    return list(split.items())
-
-
-def group_table(rows: list[dict[str, Any]], by: list[str], extractor: str) -> str:
-    heads = ["rank", *by, "n", "n completed", "best FID (mean &plusmn; 95% CI)", "min best FID",
-             "best IS (mean &plusmn; 95% CI)"]
+def section_html(sec: Section, kind: str) -> str:
+    """A leaderboard table; status cells get their badge, the best row (rank 1) is highlighted."""
+    status_at = sec.headers.index("status") if "status" in sec.headers else None
     body = []
-    for r in rows:
-        cells = [num(r["rank"]), *(cell(r[c]) for c in by), num(r["n"]), num(r["n_completed"]),
-                 num(mean_ci_text(r["best_fid_mean"], r["best_fid_ci95"])), num(fmt(r["best_fid_min"])),
-                 num(mean_ci_text(r["best_is_mean"], r["best_is_ci95"]))]
-        body.append(row_html(cells, first=r["rank"] == 1))
-    return table_html(f"extractor: {esc(extractor)}", heads, body, "groups")
-
-
-def trial_table(rows: list[dict[str, Any]], params: list[str], extractor: str, trials: pd.DataFrame) -> str:
-    reasons = dict(zip(trials["trial_id"], trials["reason"]))
-    heads = ["rank", "trial", *params, "status", "best FID", "at kimg", "best IS", "final FID", "kimg reached"]
-    body = []
-    for r in rows:
-        cells = [num(r["rank"]), cell(r["trial_id"]), *(cell(r[p]) for p in params),
-                 f"<td>{status_badge(r['status'], reasons.get(r['trial_id']))}</td>",
-                 num(fmt(r["best_fid"])), num(kimg_text(r["best_fid_kimg"])), num(fmt(r["best_is"])),
-                 num(fmt(r["final_fid"])), num(kimg_text(r["kimg"]))]
-        body.append(row_html(cells, first=r["rank"] == 1))
-    return table_html(f"extractor: {esc(extractor)}", heads, body, "trials")
+    for row in sec.rows:
+        cells = [f"<td>{status_badge(c, None)}</td>" if i == status_at else f"<td>{esc(c)}</td>"
+                 for i, c in enumerate(row)]
+        body.append(row_html(cells, first=sec.first_is_best and row[0] == "1"))
+    return table_html(esc(sec.title), [esc(h) for h in sec.headers], body, kind)
 
 
 def status_badge(status: str, reason: Any) -> str:
@@ -396,17 +376,19 @@ def colour_map(keys: list[str]) -> dict[str, Any]:
 # ---- sample grids -------------------------------------------------------------------------------
 
 
-def grids_section(sweep_dir: Path, df: pd.DataFrame, ranked: list[dict[str, Any]], params: list[str], top: int) -> str:
+def grids_section(sweep_dir: Path, df: pd.DataFrame, ranked: list[dict[str, Any]], params: list[str], top: int,
+                  label: str) -> str:
     parts = [f'<h2 id="samples">Latest samples of the best {top} trials</h2>']
     grid_paths = dict(zip(df["trial_id"], df["grid_path"]))
-    figures, missing = [], []
+    figures, missing, outside = [], [], []
     for row in ranked:
-        if row["rank"] > top:
+        if row["rank"] is None or row["rank"] > top:
             continue
-        path = find_grid(sweep_dir, row["trial_id"], grid_paths.get(row["trial_id"]))
+        recorded = grid_paths.get(row["trial_id"])
+        path = find_grid(sweep_dir, row["trial_id"], recorded)
         if path is None:
-            recorded = grid_paths.get(row["trial_id"]) or "no grid recorded"
-            missing.append(f"{esc(row['trial_id'])} (<code>{esc(recorded)}</code>)")
+            entry = f"{esc(row['trial_id'])} (<code>{esc(recorded or 'no grid recorded')}</code>)"
+            (outside if grid_outside(sweep_dir, recorded) else missing).append(entry)
             continue
         match = GRID_KIMG.search(path.name)
         at = f" &middot; grid at {float(match.group(1)):g} kimg" if match else ""
@@ -414,25 +396,41 @@ def grids_section(sweep_dir: Path, df: pd.DataFrame, ranked: list[dict[str, Any]
         figures.append(
             f'<figure><img alt="samples of trial {esc(row["trial_id"])}" src="{data_uri(path.read_bytes())}">'
             f"<figcaption><strong>#{row['rank']} {esc(row['trial_id'])}</strong> "
-            f"({esc(row['extractor'])}) best FID <strong>{esc(fmt(row['best_fid']))}</strong> "
-            f"at {esc(kimg_text(row['best_fid_kimg']))} kimg{at} &middot; {status_badge(row['status'], None)}"
+            f"({esc(row['extractor'])}) {esc(label)} <strong>{esc(fmt(row.get('final_fid', row.get('fid'))))}</strong> "
+            f"at {esc(kimg_text(row['fid_kimg']))} kimg{at} &middot; {status_badge(row['status'], None)}"
             f"<br>{settings}</figcaption></figure>"
         )
     if figures:
         parts.append('<div class="grids">' + "".join(figures) + "</div>")
     if missing:
         parts.append(f'<div class="note">Sample grid file missing for: {", ".join(missing)}</div>')
+    if outside:
+        parts.append('<div class="note">Sample grid outside the sweep directory, not embedded, for: '
+                     f'{", ".join(outside)}</div>')
     return "\n".join(parts)
 
 
 def find_grid(sweep_dir: Path, trial_id: str, recorded: Any) -> Path | None:
-    """The recorded grid, or the same file under this sweep directory (results copied from a cluster)."""
+    """The recorded grid, or the same file under this sweep directory (results copied from a cluster).
+
+    Only files inside the sweep directory are read: a Parquet file is data, and a `grid_path` it names
+    must not make the report embed (and so publish) an arbitrary file of the machine."""
     if not isinstance(recorded, str) or not recorded:
         return None
     for path in (Path(recorded), sweep_dir / "trials" / trial_id / "grids" / Path(recorded).name):
-        if path.is_file():
+        if _inside(sweep_dir, path) and path.is_file():
             return path
     return None
+
+
+def grid_outside(sweep_dir: Path, recorded: Any) -> bool:
+    """A recorded grid that exists but lies outside the sweep directory (skipped with a note)."""
+    return isinstance(recorded, str) and bool(recorded) and not _inside(sweep_dir, Path(recorded)) and Path(recorded).is_file()
+
+
+def _inside(sweep_dir: Path, path: Path) -> bool:
+    # resolve(): neither `..` nor a symlink may lead out of the sweep directory.
+    return path.resolve().is_relative_to(sweep_dir.resolve())
 
 
 # ---- sweep file ---------------------------------------------------------------------------------

@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import os
 import tempfile
+import types
+import typing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 EVALUATIONS_FILE = "evaluations.parquet"
 TRIALS_FILE = "trials.parquet"
-STATUSES = ("pending", "running", "completed", "stopped_early", "diverged", "error")
+STATUSES = ("pending", "running", "interrupted", "completed", "stopped_early", "diverged", "error")
 
-# Fixed columns and their types; parameter columns (typed by their values) come
+# Fixed columns and their types; parameter columns (typed from the sweep schema) come
 # between the identity columns and these.
+# Parameters that make trials replicates of one configuration rather than different configurations.
+REPLICATE_KEYS = ("seed", "repeat")
+
 EVALUATION_COLUMNS: dict[str, pa.DataType] = {
     "kimg": pa.float64(),
+    "g_steps": pa.int64(),
     "fid": pa.float64(),
     "is_mean": pa.float64(),
     "is_std": pa.float64(),
@@ -49,9 +55,13 @@ TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "best_is": pa.float64(),
     "final_fid": pa.float64(),
     "final_is": pa.float64(),
+    "final_fid_samples": pa.int64(),
     "extractor": pa.string(),
     "kimg": pa.float64(),
     "kimg_budget": pa.float64(),
+    "g_steps": pa.int64(),
+    "stopped_at_kimg": pa.float64(),
+    "stopped_metric": pa.float64(),
     "evaluations": pa.int64(),
     "checkpoint_path": pa.string(),
     "grid_path": pa.string(),
@@ -71,27 +81,41 @@ def parameter_value(value: Any) -> Any:
     return value
 
 
-def _parameter_type(values: Iterable[Any]) -> pa.DataType:
-    present = [v for v in values if v is not None]
-    if present and all(isinstance(v, bool) for v in present):
-        return pa.bool_()
-    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
-        return pa.int64()
-    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
-        return pa.float64()
-    return pa.string()
+def _parameter_type(annotation: Any) -> pa.DataType:
+    """The Arrow type of a sweep-file field's Python annotation (`int | None` -> int64, tuples -> labels)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    # bool before int: bool is a subclass of int.
+    for python_type, arrow_type in ((bool, pa.bool_()), (int, pa.int64()), (float, pa.float64())):
+        if annotation is python_type:
+            return arrow_type
+    return pa.string()  # str, and list/tuple values written as labels like '512-256-128-64'
 
 
-def to_table(rows: list[dict[str, Any]], fixed: dict[str, pa.DataType], params: list[str]) -> pa.Table:
+def parameter_types(names: Iterable[str]) -> dict[str, pa.DataType]:
+    """Arrow types of parameter columns, from the sweep schema rather than from the values present:
+    a conditional column that is null in early snapshots has the same type in every snapshot."""
+    from orchestrator.schema import ModelSection, TrainSection  # pydantic mirrors of gan.config
+
+    fields = {**ModelSection.model_fields, **TrainSection.model_fields}
+    unknown = sorted(set(names) - set(fields))
+    if unknown:
+        raise ValueError(f"not sweep parameters: {unknown}")
+    return {name: _parameter_type(fields[name].annotation) for name in names}
+
+
+def to_table(rows: list[dict[str, Any]], fixed: dict[str, pa.DataType], params: dict[str, pa.DataType]) -> pa.Table:
     columns: dict[str, pa.Array] = {}
     for name, kind in IDENTITY_COLUMNS.items():
         columns[name] = pa.array([r.get(name) for r in rows], type=kind)
-    for name in params:
+    for name, kind in params.items():
         values = [r.get(name) for r in rows]
-        kind = _parameter_type(values)
         if kind == pa.string():
-            values = [None if v is None else str(v) for v in values]
-        columns[name] = pa.array(values, type=kind)
+            columns[name] = pa.array([None if v is None else str(v) for v in values], type=kind)
+        else:
+            # A checked cast: a value that does not fit the schema's type raises instead of being truncated.
+            columns[name] = pa.array(values).cast(kind)
     for name, kind in fixed.items():
         columns[name] = pa.array([r.get(name) for r in rows], type=kind)
     return pa.table(columns)
@@ -122,10 +146,11 @@ class ResultsWriter:
     re-reports a step replaces the row instead of duplicating it.
     """
 
-    def __init__(self, sweep_dir: Path, sweep_name: str, params: list[str]):
+    def __init__(self, sweep_dir: Path, sweep_name: str, params: Iterable[str] | Mapping[str, pa.DataType]):
         self.dir = sweep_dir
         self.sweep = sweep_name
-        self.params = params
+        # Parameter names (typed from the sweep schema), or name -> Arrow type.
+        self.params = dict(params) if isinstance(params, Mapping) else parameter_types(params)
         self.evaluations: dict[tuple[str, float], dict[str, Any]] = {}
         self.trials: dict[str, dict[str, Any]] = {}
         for row in read_rows(sweep_dir / EVALUATIONS_FILE):  # --resume continues the tables
@@ -141,6 +166,12 @@ class ResultsWriter:
         row = self.trials.setdefault(trial_id, {"sweep": self.sweep, "trial_id": trial_id})
         row.update(fields)
         self._write_trials()
+
+    def drop_trials(self, trial_ids: Iterable[str]) -> None:
+        """Remove placeholder rows (trials that never started) before Tune adds them under their real ids."""
+        dropped = [self.trials.pop(t) for t in list(trial_ids) if t in self.trials]
+        if dropped:
+            self._write_trials()
 
     def trial_evaluations(self, trial_id: str) -> list[dict[str, Any]]:
         rows = [r for (t, _), r in self.evaluations.items() if t == trial_id]

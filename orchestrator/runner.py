@@ -5,8 +5,12 @@ leaderboard never import (let alone start) Ray.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import socket
+import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -14,20 +18,23 @@ from typing import Any
 import ray
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 
-from gan.config import TrialConfig
+from gan.config import INCEPTION, TrialConfig
 from gan.data import PreparedDataset
+from gan.metrics import WEIGHTS_ENV
 from gan.training import training_loop
 from orchestrator.results import ResultsWriter, parameter_value
-from orchestrator.schema import Sweep
+from orchestrator.schedulers import STATE_FILE, ConfigASHA, TrialASHA
+from orchestrator.schema import Sweep, SweepError
+from orchestrator.storage import SharedCheck, StorageError, check_this_node
 from orchestrator.sweep_dir import SweepDir
 
 # What the scheduler and search see for a trial that diverged before its first evaluation:
 # finite (Optuna and ASHA reject NaN) and worse than any real FID.
 DIVERGED_BEFORE_FIRST_EVAL_FID = 1.0e6
 EVAL_KEYS = (
-    "kimg", "fid", "is_mean", "is_std", "kid_mean", "kid_std", "extractor", "fid_samples", "final",
+    "kimg", "g_steps", "fid", "is_mean", "is_std", "kid_mean", "kid_std", "extractor", "fid_samples", "final",
     "loss_d", "loss_g", "images_per_s", "eval_seconds", "wall_s", "grid_path", "node", "node_ip", "data_source",
 )
 
@@ -59,12 +66,24 @@ def parameter_row(sweep: Sweep, params: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def train_trial(config: dict[str, Any], *, sweep: Sweep, dataset: PreparedDataset, sweep_dir: str) -> None:
+def train_trial(
+    config: dict[str, Any],
+    *,
+    sweep: Sweep,
+    dataset: PreparedDataset,
+    sweep_dir: str,
+    shared: SharedCheck | None = None,
+    inception_weights: ShippedFile | None = None,
+) -> None:
     """The Tune trainable: one trial of the sweep, resumable from Tune's latest checkpoint."""
+    if shared is not None:  # e.g. a node the autoscaler added after the driver's preflight
+        check_this_node(shared, Path(sweep_dir))
     params = trial_params(config)
     context = tune.get_context()
     run_dir = Path(sweep_dir) / "trials" / context.get_trial_id()
     cfg: TrialConfig = sweep.trial_config(params)
+    if inception_weights is not None:  # the driver's file, not whatever this node has or lacks
+        cfg.eval.weights_path = str(inception_weights.on_this_node())
     torch.set_num_threads(max(1, int(sweep.resources.cpu)))
     node = {
         "node": ray.get_runtime_context().get_node_id()[:12],
@@ -74,24 +93,71 @@ def train_trial(config: dict[str, Any], *, sweep: Sweep, dataset: PreparedDatase
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        # Tune copies the checkpoint into its storage before report() returns; the node-local copy
+        # is then replaced by the next evaluation's.
         tune.report({**metrics, **node}, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
-    try:
-        if checkpoint is not None:
-            with checkpoint.as_directory() as resume_dir:
-                result = training_loop(cfg, run_dir, report, resume_from=resume_dir, dataset=dataset)
-        else:
-            result = training_loop(cfg, run_dir, report, dataset=dataset)
-    except RuntimeError as exc:  # torch.OutOfMemoryError is one
-        if not out_of_memory(exc):
-            raise
-        # Retrying the same config would run out again: end the trial as 'error' now.
-        tune.report({"kimg": 0.0, "fid": DIVERGED_BEFORE_FIRST_EVAL_FID, "error": f"out of memory: {exc}"[:500]})
-        return
+    # Each checkpoint is written once, to node-local disk, and copied once, by Tune, to its storage
+    # (not written to the shared run directory and then copied again).
+    with tempfile.TemporaryDirectory(prefix="gan-sweeps-checkpoint-") as local:
+        local_checkpoint = Path(local) / "checkpoint"
+        try:
+            if checkpoint is not None:
+                with checkpoint.as_directory() as resume_dir:
+                    result = training_loop(cfg, run_dir, report, resume_from=resume_dir, dataset=dataset,
+                                           checkpoint_dir=local_checkpoint)
+            else:
+                result = training_loop(cfg, run_dir, report, dataset=dataset, checkpoint_dir=local_checkpoint)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not out_of_memory(exc):
+                raise
+            # Retrying the same config would run out again: end the trial as 'error' now.
+            tune.report({"kimg": 0.0, "fid": DIVERGED_BEFORE_FIRST_EVAL_FID, "error": f"out of memory: {exc}"[:500]})
+            return
     if result.status == "diverged":
         last_fid = result.metrics.get("fid", DIVERGED_BEFORE_FIRST_EVAL_FID)
         tune.report({"kimg": result.kimg, "fid": last_fid, "diverged": True, "reason": result.reason, **node})
+
+
+@dataclass(frozen=True)
+class ShippedFile:
+    """A driver-side file shipped to the trials through Ray's object store, written once per node."""
+
+    name: str
+    digest: str
+    data: bytes
+
+    @classmethod
+    def read(cls, path: Path) -> "ShippedFile":
+        data = path.read_bytes()
+        return cls(path.name, hashlib.sha256(data).hexdigest(), data)
+
+    def on_this_node(self) -> Path:
+        target = Path(tempfile.gettempdir()) / "gan-sweeps-shipped" / self.digest / self.name
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{self.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(self.data)
+            os.replace(tmp, target)  # trials starting together on one node never read a partial file
+        return target
+
+
+def shipped_inception_weights(sweep: Sweep) -> ShippedFile | None:
+    """The InceptionV3 weights the driver would use (eval.weights_path, else $GAN_INCEPTION_WEIGHTS).
+
+    Shipped, because a worker node has neither the driver's file system nor its environment. Without
+    either, each node uses its own torch.hub cache or downloads the weights (README, Metrics)."""
+    if sweep.eval.extractor != INCEPTION:
+        return None
+    given = sweep.eval.weights_path or os.environ.get(WEIGHTS_ENV)
+    if not given:
+        return None
+    path = Path(given).expanduser()
+    if not path.is_file():
+        source = "eval.weights_path" if sweep.eval.weights_path else f"${WEIGHTS_ENV}"
+        raise StorageError(f"{source}={given}: InceptionV3 weights file not found")
+    return ShippedFile.read(path)
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -114,10 +180,11 @@ class ResultsCallback(tune.Callback):
     The writer is built in `setup`, so a restored experiment (whose callbacks Tune
     unpickles) re-reads the tables already on disk instead of a stale copy."""
 
-    def __init__(self, sweep: Sweep, sweep_dir: str, live=None):
+    def __init__(self, sweep: Sweep, sweep_dir: str, live=None, scheduler=None):
         self.sweep = sweep
         self.sweep_dir = sweep_dir
         self.live = live
+        self.scheduler = scheduler  # TrialASHA / ConfigASHA: which trials it stopped, where and why
         self.writer: ResultsWriter | None = None
         self.flags: dict[str, tuple[str, str]] = {}
 
@@ -168,10 +235,17 @@ class ResultsCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ensure(trial)
         status, reason = self.flags.pop(trial.trial_id, (None, ""))
-        if status is None:
+        stop = self.scheduler.stop_info(trial.trial_id) if hasattr(self.scheduler, "stop_info") else None
+        culled = {}
+        if status is None and stop is not None:
+            # Stopped by ASHA (with unit config: because its configuration's mean was cut at that rung,
+            # so every seed of it ends here, whatever kimg this one had reached).
+            status = "stopped_early"
+            culled = {"stopped_at_kimg": float(stop[0]), "stopped_metric": float(stop[1])}
+        elif status is None:
             reached = self.writer.trials[trial.trial_id].get("kimg") or 0.0
             status = "completed" if reached >= self.sweep.train.kimg - 1e-9 else "stopped_early"
-        self._summarise(trial, status=status, reason=reason, ended=now())
+        self._summarise(trial, status=status, reason=reason, ended=now(), **culled)
         self._refresh()
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -194,7 +268,9 @@ class ResultsCallback(tune.Callback):
                 best_fid=best["fid"], best_fid_kimg=best["kimg"], best_is=max(is_values, default=None),
                 final_fid=last["fid"] if last.get("final") else None,
                 final_is=last.get("is_mean") if last.get("final") else None,
-                extractor=last.get("extractor"), kimg=last["kimg"], grid_path=last.get("grid_path"),
+                final_fid_samples=last.get("fid_samples") if last.get("final") else None,
+                extractor=last.get("extractor"), kimg=last["kimg"], g_steps=last.get("g_steps"),
+                grid_path=last.get("grid_path"),
                 node=last.get("node"), data_source=last.get("data_source"),
             )
         if trial.checkpoint is not None:
@@ -206,25 +282,74 @@ class ResultsCallback(tune.Callback):
             self.live.refresh()
 
 
-def build_tuner(sweep: Sweep, sweep_dir: SweepDir, dataset: PreparedDataset, *, resume: bool, live=None):
+# Tuner.restore reuses the TuneConfig and RunConfig saved when the sweep started: edits of these on
+# --resume would be silently ignored, so they are refused instead.
+FIXED_ON_RESUME = ("max_concurrent", "max_failures")
+
+
+def check_resume_settings(sweep: Sweep, sweep_dir: SweepDir) -> None:
+    """Refuse a --resume whose sweep file changed a setting that Ray Tune's saved state fixes."""
+    import yaml
+
+    # sweep.yaml is the file as given when the sweep started (a --resume never rewrites it).
+    started = yaml.safe_load((sweep_dir.path / "sweep.yaml").read_text()) or {}
+    for key in FIXED_ON_RESUME:
+        before = started.get(key, Sweep.model_fields[key].default)
+        now_ = getattr(sweep, key)
+        if before != now_:
+            raise SweepError(
+                sweep.source_path, key,
+                f"{now_} differs from {before}, the value the sweep started with; --resume keeps Ray Tune's "
+                f"saved setting, so set it back to {before} (or start a fresh sweep under another --results)",
+            )
+
+
+def build_scheduler(sweep: Sweep, sweep_dir: SweepDir):
+    """FIFO, or ASHA per trial or per configuration; both ASHAs keep their rungs in the sweep directory
+    so that --resume makes the decisions an uninterrupted run would."""
+    s = sweep.scheduler
+    if s.type != "asha":
+        return FIFOScheduler()
+    state_file = str(sweep_dir.path / STATE_FILE)
+    if s.unit == "config":
+        return ConfigASHA(state_file, time_attr="kimg", max_t=s.max_t, grace_period=s.grace_period,
+                          reduction_factor=s.reduction_factor, trial_params=trial_params)
+    return TrialASHA(state_file, time_attr="kimg", max_t=s.max_t, grace_period=s.grace_period,
+                     reduction_factor=s.reduction_factor)
+
+
+def tune_location(sweep: Sweep, sweep_dir: SweepDir, storage: str | None) -> tuple[str, str]:
+    """(storage_path, experiment name) of Tune's RunConfig: <sweep>/tune by default, else <storage>/<sweep name>."""
+    if storage is None:
+        return str(sweep_dir.tune_path.parent), sweep_dir.tune_path.name
+    return storage, sweep.name
+
+
+def build_tuner(
+    sweep: Sweep,
+    sweep_dir: SweepDir,
+    dataset: PreparedDataset,
+    *,
+    resume: bool,
+    live=None,
+    storage: str | None = None,
+    shared: SharedCheck | None = None,
+):
+    """`storage`: where Tune keeps its state and checkpoints (an s3:// or gs:// URI or a shared path;
+    None: <sweep>/tune). `shared`: what the preflight checked, for trials to check again on their node."""
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, sweep=sweep, dataset=dataset, sweep_dir=str(sweep_dir.path)),
+        tune.with_parameters(train_trial, sweep=sweep, dataset=dataset, sweep_dir=str(sweep_dir.path),
+                             shared=shared, inception_weights=shipped_inception_weights(sweep)),
         {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
     )
-    if resume:
-        # Tune's experiment state is pickled: restore only from the user's own results directory.
-        return tune.Tuner.restore(str(sweep_dir.tune_path), trainable, resume_unfinished=True, resume_errored=True)
+    storage_path, experiment = tune_location(sweep, sweep_dir, storage)
+    if resume:  # sweep_run checked first that the file keeps what Tune restores (check_resume_settings)
+        # Tune's experiment state is pickled: restore only from the user's own results directory
+        # (or the storage its sweep started with, recorded in it).
+        return tune.Tuner.restore(f"{storage_path}/{experiment}", trainable, resume_unfinished=True, resume_errored=True)
 
     metric, mode = sweep.metric.name, ("min" if sweep.metric.goal == "minimize" else "max")
-    if sweep.scheduler.type == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="kimg",
-            max_t=sweep.scheduler.max_t,
-            grace_period=sweep.scheduler.grace_period,
-            reduction_factor=sweep.scheduler.reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = build_scheduler(sweep, sweep_dir)
     search_alg = None
     if sweep.method == "optuna":
         import optuna
@@ -247,9 +372,9 @@ def build_tuner(sweep: Sweep, sweep_dir: SweepDir, dataset: PreparedDataset, *, 
         max_concurrent_trials=sweep.max_concurrent,
     )
     run_config = tune.RunConfig(
-        name=sweep_dir.tune_path.name,
-        storage_path=str(sweep_dir.tune_path.parent),
-        callbacks=[ResultsCallback(sweep, str(sweep_dir.path), live)],
+        name=experiment,
+        storage_path=storage_path,
+        callbacks=[ResultsCallback(sweep, str(sweep_dir.path), live, scheduler=scheduler)],
         failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
         # Tune saves its experiment state (what --resume restores) after every num_to_keep-th new
         # checkpoint of a trial, otherwise at most every 10 s. With 1, that state names each trial's
@@ -261,14 +386,64 @@ def build_tuner(sweep: Sweep, sweep_dir: SweepDir, dataset: PreparedDataset, *, 
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
+# How long a cluster's GCS port may take to accept a connection before the sweep gives up.
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+class RayUnreachable(ConnectionError):
+    """Nothing answers at the Ray address a sweep was told to join."""
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    return (host.strip("[]"), int(port)) if sep and host and port.isdigit() else None
+
+
+def check_ray_address(address: str) -> None:
+    """Fail in seconds, naming the address, where ray.init would retry a dead cluster's GCS for a minute.
+
+    `auto` is resolved as ray.init resolves it: RAY_ADDRESS if set, else the address the last `ray start`
+    on this machine left in Ray's temp dir. Ray's last resort for `auto`, any GCS process `ps` shows, is
+    refused here: on a shared machine that is someone else's local Ray.
+    """
+    target, origin = address, "--address"
+    if address == "auto":
+        from ray._common.utils import get_ray_address_file  # Ray 2.60's own location of that file
+
+        target, origin = os.environ.get("RAY_ADDRESS", ""), "RAY_ADDRESS"
+        if not target:
+            origin = get_ray_address_file(None)
+            try:
+                target = Path(origin).read_text().strip()
+            except OSError:
+                target = ""
+            if not target:
+                raise RayUnreachable(f"no Ray cluster to join: RAY_ADDRESS is unset and no `ray start` left an address in {origin}")
+    hostport = _host_port(target)
+    if hostport is None:
+        return  # not host:port: ray.init names the problem itself
+    try:
+        socket.create_connection(hostport, timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise RayUnreachable(f"nothing answers at {target} (from {origin}): {exc.strerror or exc}") from None
+
+
 def start_ray(address: str | None, dashboard_host: str = "127.0.0.1"):
-    """Join `address` (e.g. 'auto') or start a local Ray whose dashboard listens on localhost only."""
+    """Join `address` (e.g. 'auto') or start a local Ray whose dashboard listens on localhost only.
+
+    Without an address Ray is always started afresh, whatever RAY_ADDRESS says (ray.init only reads it
+    for no address or 'auto') and whatever a former `ray start` left in Ray's temp dir."""
+    if address is not None:
+        check_ray_address(address)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Each evaluation checkpoints; Tune's advice to checkpoint less is noise for GAN sweeps.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address is None:
         kwargs.update(include_dashboard=True, dashboard_host=dashboard_host)
-    context = ray.init(address=address, **kwargs)
+    # "local" always starts a fresh Ray: never the stale or foreign cluster a former `ray start` left
+    # in Ray's temp dir (which ray.init() with no address would join).
+    context = ray.init(address=address if address is not None else "local", **kwargs)
     url = context.dashboard_url
     return f"http://{url}" if url and not url.startswith("http") else url

@@ -105,6 +105,9 @@ class Parameter(BaseModel):
 class Scheduler(BaseModel):
     model_config = _FORBID
     type: Literal["asha", "fifo"] = "fifo"
+    # What ASHA culls: single trials, or configurations judged on the mean over their seeds.
+    # None: "config" when seeds are replicated (seed swept, or grid repeats), else "trial".
+    unit: Literal["trial", "config"] | None = None
     time_attr: Literal["kimg"] = "kimg"
     grace_period: float | None = None  # None: eval.every_kimg (the first FID)
     reduction_factor: float = 3.0
@@ -169,7 +172,24 @@ class Sweep(BaseModel):
             rng = np.random.default_rng(self.search_seed)
             return [self._in_file_order(self._sample(order, rng)) for _ in range(n)]
         grid = [self._in_file_order(t) for t in _expand(self.parameters, order)]
-        return grid if n == 1 else [{**t, "repeat": r} for r in range(n) for t in grid]
+        if n == 1:
+            return grid
+        # Repeats are seed replicates: each gets its own seed (train.seed + repeat), never a copy.
+        return [{**t, "seed": self.train.seed + r, "repeat": r} for r in range(n) for t in grid]
+
+    def replicates_seeds(self) -> bool:
+        """Whether trials come in seed replicates of one configuration (seed swept, or grid repeats)."""
+        return "seed" in self.parameters or (self.method == "grid" and (self.num_samples or 1) > 1)
+
+    def warnings(self) -> list[str]:
+        """One-line notes about choices that are valid but bias a comparison."""
+        notes = []
+        if self.scheduler.type == "asha" and self.scheduler.unit == "trial" and self.replicates_seeds():
+            notes.append(
+                "scheduler.unit: trial with seed replicates: ASHA may stop some seeds of a configuration and keep "
+                "others, so means over seeds are survivor-biased; use unit: config (the default) or type: fifo"
+            )
+        return notes
 
     def optuna_space(self, trial: Any) -> dict[str, Any]:
         """Define-by-run search space for ray.tune.search.optuna.OptunaSearch(space=...).
@@ -475,8 +495,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "attn_dropout": (lambda v: _finite(v) and 0 <= v < 1, "must be in [0, 1)"),
     "kimg": (lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
     "batch_size": (lambda v: v >= 1, "must be >= 1"),
-    "lr_d": (lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
-    "lr_g": (lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    "lr_d": (lambda v: v is None or (_finite(v) and v > 0), "must be a finite number > 0 or null"),
+    "lr_g": (lambda v: v is None or (_finite(v) and v > 0), "must be a finite number > 0 or null"),
     "beta1": (lambda v: v is None or (_finite(v) and 0 <= v < 1), "must be in [0, 1) or null"),
     "beta2": (lambda v: v is None or (_finite(v) and 0 <= v < 1), "must be in [0, 1) or null"),
     "d_steps": (lambda v: v is None or v >= 1, "must be >= 1 or null"),
@@ -505,6 +525,7 @@ class _Checker:
         self.check_parameters()
         self.check_architectures()
         self.check_kimg_budget()
+        self.check_compile()
         self.check_scheduler()
         self.check_run_settings()
 
@@ -607,6 +628,9 @@ class _Checker:
             self.fail(f"parameters.{cycle.args[0]}.when", "conditions refer to each other in a loop")
 
     def check_parameter_name(self, key: str, name: str) -> None:
+        if name == "kimg":
+            self.fail(key, "kimg can't be swept: trials are compared at one budget (train.kimg); run one sweep "
+                           "per budget, or compare earlier evaluations with `orchestrator leaderboard --at-kimg`")
         if name in _PARAM_TYPES:
             return
         for section, cls in (("data", DataConfig), ("eval", EvalConfig)):
@@ -738,14 +762,29 @@ class _Checker:
                 return f"parameters.{n}.values[{spec.choices.index(combo[n])}]"
         return fallback
 
-    def kimg_budgets(self) -> list[float]:
-        spec = self.sweep.parameters.get("kimg")
-        if spec is None:
-            return [self.sweep.train.kimg]
-        return spec.choices if spec.categorical else [spec.min, spec.max]
+    def possible(self, name: str) -> list[Any]:
+        """Every value a model/train field takes in some trial: its swept values, else the fixed one."""
+        spec = self.sweep.parameters.get(name)
+        if spec is not None and spec.categorical:
+            return spec.choices
+        section = self.sweep.model if name in _MODEL_TYPES else self.sweep.train
+        return [getattr(section, name)]
+
+    def check_compile(self) -> None:
+        # torch.compile's autograd does not support the double backward of WGAN-GP's gradient penalty.
+        if self.sweep.method == "grid":  # exact: conditions (`when`) may keep the two apart
+            clash = any(self.sweep.trial_config(t).train.compile and self.sweep.trial_config(t).model.variant == "wgan"
+                        for t in _expand(self.sweep.parameters, _dependency_order(self.sweep.parameters)))
+        else:
+            clash = True in self.possible("compile") and "wgan" in self.possible("variant")
+        if clash:
+            key = "parameters.compile" if "compile" in self.sweep.parameters else "train.compile"
+            self.fail(key, "compile: true can't train variant 'wgan' (torch.compile does not support the double "
+                           "backward of its gradient penalty); set compile: false or sweep compile only for "
+                           "the other variants")
 
     def check_kimg_budget(self) -> None:
-        every, shortest = self.sweep.eval.every_kimg, min(self.kimg_budgets())
+        every, shortest = self.sweep.eval.every_kimg, self.sweep.train.kimg
         if every > shortest:
             self.fail("eval.every_kimg", f"{_show(every)} is more than the training budget of {_show(shortest)} "
                                          "kimg, so no evaluation would run")
@@ -754,12 +793,12 @@ class _Checker:
         s = self.sweep.scheduler
         if s.type == "fifo":
             extra = sorted(s.model_fields_set - {"type"})
+            s.unit = None
             if extra:
                 self.fail(f"scheduler.{extra[0]}", "only used with type asha")
             return
-        if "kimg" in self.sweep.parameters:
-            self.fail("parameters.kimg", "kimg can't be swept with the asha scheduler (it compares trials at "
-                                         "equal kimg); use scheduler type fifo")
+        if s.unit is None:
+            s.unit = "config" if self.sweep.replicates_seeds() else "trial"
         kimg, every = self.sweep.train.kimg, self.sweep.eval.every_kimg
         s.max_t = kimg if s.max_t is None else s.max_t
         s.grace_period = every if s.grace_period is None else s.grace_period
@@ -784,6 +823,10 @@ class _Checker:
         sweep = self.sweep
         if sweep.method == "grid":
             sweep.num_samples = sweep.num_samples or 1
+            if sweep.num_samples > 1 and "seed" in sweep.parameters:
+                self.fail("num_samples", f"{sweep.num_samples} repeats give each repeat its own seed (train.seed + "
+                                         "repeat), which would override the swept seeds: list more seeds in "
+                                         "parameters.seed instead")
         elif sweep.num_samples is None:
             self.fail("num_samples", f"required for method {sweep.method}: the number of trials to run")
         right_goal = METRIC_GOALS[sweep.metric.name]
@@ -795,8 +838,10 @@ class _Checker:
         cpu, gpu = sweep.resources.cpu, sweep.resources.gpu
         if not (_finite(cpu) and cpu > 0):
             self.fail("resources.cpu", f"must be > 0, got {_show(cpu)}")
-        if not (_finite(gpu) and gpu >= 0 and (gpu <= 1 or float(gpu).is_integer())):
-            self.fail("resources.gpu", f"must be a fraction in [0, 1] or a whole number of GPUs, got {_show(gpu)}")
+        # A trial trains on one device: a second reserved GPU would idle while other trials wait for it.
+        if not (_finite(gpu) and 0 <= gpu <= 1):
+            self.fail("resources.gpu", f"must be in [0, 1] (a trial trains on one GPU; 0.5 packs two trials "
+                                       f"per GPU), got {_show(gpu)}")
 
 
 def _unknown_value(what: str, value: Any, valid: typing.Sequence[str]) -> str:

@@ -23,6 +23,12 @@ class SweepDirError(RuntimeError):
     """One-line, user-facing reason why a sweep cannot use its results directory."""
 
 
+def os_reason(exc: OSError) -> str:
+    """'Not a directory: /a/b' from an OSError: the reason and the path the kernel refused."""
+    reason = exc.strerror or str(exc)
+    return f"{reason}: {exc.filename}" if exc.filename else reason
+
+
 @dataclass
 class SweepDir:
     path: Path
@@ -42,16 +48,19 @@ class SweepDir:
         fingerprint_file = path / "fingerprint"
         if resume and not fingerprint_file.exists():
             raise SweepDirError(f"{path}: nothing to resume; run without --resume to start sweep '{sweep.name}'")
-        path.mkdir(parents=True, exist_ok=True)
         sweep_dir = cls(path)
-        # Lock first: a second driver started at the same moment gets the lock message, not a
-        # message about the half-claimed directory of the first.
-        sweep_dir._lock()
         try:
-            sweep_dir._check_or_write_fingerprint(sweep, resume=resume)
-        except BaseException:
-            sweep_dir.release()
-            raise
+            path.mkdir(parents=True, exist_ok=True)
+            # Lock first: a second driver started at the same moment gets the lock message, not a
+            # message about the half-claimed directory of the first.
+            sweep_dir._lock()
+            try:
+                sweep_dir._check_or_write_fingerprint(sweep, resume=resume)
+            except BaseException:
+                sweep_dir.release()
+                raise
+        except OSError as exc:  # under a regular file, in /proc, on a read-only or full disk
+            raise SweepDirError(f"{path}: cannot create or write the results directory ({os_reason(exc)})") from None
         return sweep_dir
 
     def _check_or_write_fingerprint(self, sweep: Sweep, *, resume: bool) -> None:

@@ -64,7 +64,7 @@ def run_all(cases: dict[str, list[str]], root: Path, cache: Path) -> dict[str, R
 
 
 def assert_one_line_error(run: Run, *expected: str) -> str:
-    assert run.returncode != 0
+    assert run.returncode == 2, (run.returncode, run.stderr[-2000:])  # the README promises 2 for bad input
     assert "Traceback" not in run.stderr and "Traceback" not in run.stdout
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr

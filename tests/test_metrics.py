@@ -4,7 +4,9 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from PIL import Image
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import gan.metrics as metrics
@@ -14,6 +16,7 @@ from gan.metrics import (
     ExtractorUnavailable,
     TinyConvExtractor,
     build_extractor,
+    extractor_identity,
     fid_between,
     real_stats_path,
     to_uint8,
@@ -139,15 +142,18 @@ def test_real_statistics_are_cached_per_split(tmp_path, monkeypatch):
     assert not list(first.stats_path.parent.glob("*.tmp"))  # atomic writes leave no partial files
 
 
-def test_cache_key_separates_extractor_split_and_image_size(tmp_path):
+def test_cache_key_separates_extractor_weights_split_and_image_size(tmp_path):
     def path(**changes):
-        key = {"dataset_key": "anime", "split": "train", "real_shape": (100, 3, 64, 64), "extractor": TINY_CONV}
+        key = {"dataset_key": "anime", "split": "train", "real_shape": (100, 3, 64, 64), "extractor": TINY_CONV,
+               "weights_id": "ab" * 32}
         return real_stats_path(str(tmp_path), **{**key, **changes})
 
     base = path()
     assert base.parent == tmp_path / "fid-stats"
-    others = [path(extractor="inception-v3-compat"), path(split="val"), path(real_shape=(100, 3, 32, 32))]
-    assert len({base, *others}) == 4
+    others = [path(extractor="inception-v3-compat"), path(split="val"), path(real_shape=(100, 3, 32, 32)),
+              path(weights_id="cd" * 32)]
+    assert len({base, *others}) == 5
+    assert f"tf{torch_fidelity.__version__}" in base.name  # new feature code never reuses old statistics
     assert path(dataset_key="a/b").parent == base.parent  # keys cannot escape the cache directory
 
 
@@ -196,3 +202,106 @@ def test_to_uint8_rounds_and_clamps():
     x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0])
     assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]
     assert to_uint8(x).dtype == torch.uint8
+
+
+# --- against torch-fidelity's own pipeline ------------------------------------------------------
+
+
+def varied(n: int, seed: int) -> np.ndarray:
+    """Images of several kinds (noise, ramps, flat colours), so IS, FID and KID all have something to measure."""
+    rng = np.random.default_rng(seed)
+    kinds = [dark_noise(n, seed), bright_smooth(n, seed),
+             rng.integers(0, 256, (n, 3, 1, 1), dtype=np.uint8).repeat(SIZE, 2).repeat(SIZE, 3)]
+    pick = rng.integers(0, len(kinds), n)
+    return np.stack([kinds[k][i] for i, k in enumerate(pick)])
+
+
+def write_pngs(images: np.ndarray, folder) -> str:
+    folder.mkdir()
+    for i, image in enumerate(images.transpose(0, 2, 3, 1)):
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return str(folder)
+
+
+def test_evaluator_equals_torch_fidelity_on_the_same_images(tmp_path):
+    real = varied(300, seed=0)
+    fake = np.concatenate([varied(100, seed=1), dark_noise(100, seed=2)])  # over-weights one kind
+    ours = evaluator(tmp_path / "cache", real, kid=True, batch_size=64).evaluate(sampler(fake), len(fake), kid=True)
+    reference = torch_fidelity.calculate_metrics(
+        input1=write_pngs(fake, tmp_path / "fake"), input2=write_pngs(real, tmp_path / "real"),
+        fid=True, isc=True, kid=True, kid_subset_size=len(fake), feature_extractor=TINY_CONV,
+        cuda=False, cache=False, save_cpu_ram=True, verbose=False,  # save_cpu_ram: no DataLoader workers
+    )
+    assert ours["fid"] > 1 and ours["is_mean"] > 1.1 and ours["kid_mean"] > 1e-3  # nothing degenerate
+    assert ours["fid"] == pytest.approx(reference["frechet_inception_distance"], rel=1e-5)
+    assert ours["is_mean"] == pytest.approx(reference["inception_score_mean"], rel=1e-5)
+    assert ours["is_std"] == pytest.approx(reference["inception_score_std"], rel=1e-4, abs=1e-7)
+    assert ours["kid_mean"] == pytest.approx(reference["kernel_inception_distance_mean"], rel=1e-4)
+    assert ours["kid_std"] == pytest.approx(reference["kernel_inception_distance_std"], rel=1e-4)
+
+
+def test_inception_score_of_images_in_one_class_is_one(tmp_path):
+    rng = np.random.default_rng(0)
+    one = bright_smooth(1, seed=0)  # near-copies of one image: the same class with the same confidence
+    copies = np.clip(one.astype(int) + rng.integers(-1, 2, (100, 3, SIZE, SIZE)), 0, 255).astype(np.uint8)
+    result = evaluator(tmp_path, dark_noise(50, seed=0)).evaluate(sampler(copies), len(copies))
+    assert result["is_mean"] == pytest.approx(1.0, abs=1e-3)
+
+
+# --- exact fp32 extraction, whatever the caller switched on ----------------------------------------
+
+
+def tf32_state() -> tuple[str, str]:
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+def test_features_are_extracted_without_tf32_and_the_callers_setting_comes_back(tmp_path, monkeypatch):
+    during: list[tuple[str, str]] = []
+    forward = TinyConvExtractor.forward
+
+    def spy(self, x):
+        during.append(tf32_state())
+        return forward(self, x)
+
+    monkeypatch.setattr(TinyConvExtractor, "forward", spy)
+    saved = tf32_state()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as training_loop does
+        on = tf32_state()
+        ev = evaluator(tmp_path, dark_noise(40, seed=0), batch_size=16)  # real statistics: 3 batches
+        assert tf32_state() == on
+        ev.evaluate(sampler(dark_noise(20, seed=1)), 20)  # samples: 2 batches
+        assert tf32_state() == on
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+    assert on == ("tf32", "tf32")
+    assert during == [("ieee", "ieee")] * 5
+
+
+# --- the cache knows which weights made it --------------------------------------------------------
+
+
+def test_statistics_of_other_extractor_weights_are_not_reused(tmp_path, monkeypatch):
+    real = dark_noise(60, seed=0)
+    first = evaluator(tmp_path, real)
+    monkeypatch.setattr(TinyConvExtractor, "SEED", TinyConvExtractor.SEED + 1)  # same name, other weights
+    extractions = count_extractions(monkeypatch)
+    second = evaluator(tmp_path, real)
+    assert second.stats_path != first.stats_path and extractions == [60]
+
+
+def test_inception_weights_file_is_hashed_once_and_rehashed_when_replaced(tmp_path, monkeypatch):
+    import hashlib
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"first weights" * 1000)
+    opened: list[str] = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda file, *a, **k: (opened.append(str(file)), real_open(file, *a, **k))[1])
+    first = extractor_identity("inception-v3-compat", None, weights_path=str(weights))
+    again = extractor_identity("inception-v3-compat", None, weights_path=str(weights))
+    assert first == again == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert opened.count(str(weights.resolve())) == 1  # hashed once per process
+    weights.write_bytes(b"other weights" * 999)
+    assert extractor_identity("inception-v3-compat", None, weights_path=str(weights)) != first

@@ -30,6 +30,7 @@ import psutil
 pytestmark = pytest.mark.slow
 
 RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter's Ray
+UNSHARE_MOUNT = ["unshare", "--mount", "--propagation", "private"]
 NODE_START_TIMEOUT_S = 90
 SWEEP_TIMEOUT_S = 300
 WORKERS = ("worker_a", "worker_b")
@@ -85,12 +86,14 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, subprocess.Popen] = {}
 
-    def start(self, workers: tuple[str, ...]) -> None:
+    def start(self, workers: tuple[str, ...], private: dict[str, Path] | None = None) -> None:
+        """`private`: worker name -> a folder that node sees as its own empty one (a local disk where the
+        other nodes have shared storage), through a mount namespace of its own."""
         self._spawn("head", "--head", f"--port={self.port}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}")
         self._wait_started("head")
         for name in workers:  # one at a time: nodes starting together race for the same socket file names
-            self._spawn(name, f"--address={self.address}", "--num-cpus=1")
+            self._spawn(name, f"--address={self.address}", "--num-cpus=1", private=(private or {}).get(name))
             self._wait_started(name)
 
     def node_id(self, name: str) -> str:
@@ -115,11 +118,15 @@ class LocalCluster:
             shutil.copytree(ray_logs, self.logs / "ray-session", symlinks=True, dirs_exist_ok=True)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def _spawn(self, name: str, *args: str) -> None:
+    def _spawn(self, name: str, *args: str, private: Path | None = None) -> None:
         # On one machine, every node's dashboard agent would take Ray's default port 52365.
         command = [*RAY_CLI, "start", "--block", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
                    "--num-gpus=0", f"--object-store-memory={200 * 2**20}",
                    f"--dashboard-agent-listen-port={free_port()}", *args]
+        if private is not None:
+            private.mkdir(parents=True, exist_ok=True)
+            # exec: the node's process is still this Popen's pid, so kill_tree stops all of it.
+            command = [*UNSHARE_MOUNT, "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(private), *command]
         with open(self.logs / f"{name}.log", "w") as log:
             self.nodes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -165,10 +172,10 @@ max_failures: 2
     return path
 
 
-def start_sweep(cluster: LocalCluster, sweep_file: Path, results: Path, cwd: Path) -> tuple[subprocess.Popen, Path]:
+def start_sweep(cluster: LocalCluster, sweep_file: Path, results: Path, cwd: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
     log = cwd.parent / f"{sweep_file.stem}-driver.log"
     command = [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file),
-               "--address", cluster.address, "--results", str(results)]
+               "--address", cluster.address, "--results", str(results), *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, cwd=cwd, env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
     return proc, log
@@ -213,17 +220,20 @@ def test_trials_run_on_several_worker_nodes_and_results_land_under_results_path(
         checkpoint = Path(trial["checkpoint_path"])
         assert checkpoint.is_dir() and any(checkpoint.iterdir())
         assert checkpoint.is_relative_to(sweep_dir / "tune")
+        # Written once, on the trial's node, and copied once by Tune: none in the shared run directory.
+        assert not list(run_dir.glob("*checkpoint*")), sorted(p.name for p in run_dir.iterdir())
     assert list(cwd.iterdir()) == [], "the sweep wrote files relative to its working directory"
 
 
 def test_trial_of_a_lost_node_resumes_from_its_checkpoint_on_a_surviving_node(cluster, tmp_path):
     sweep_file = write_sweep(tmp_path / "nodeloss.yaml", "nodeloss", seeds=[0], kimg=2, every_kimg=0.25)
     results = tmp_path / "shared-results"
+    storage = tmp_path / "shared-tune-storage"  # --storage: Tune's state and checkpoints outside --results
     evaluations_file = results / "nodeloss" / "evaluations.parquet"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
 
-    proc, log = start_sweep(cluster, sweep_file, results, cwd)
+    proc, log = start_sweep(cluster, sweep_file, results, cwd, "--storage", str(storage))
     try:
         # Tune records a reported checkpoint only after a save round trip to the trial that follows
         # the result callback (which writes the row); the trial computes its next evaluation only
@@ -244,6 +254,8 @@ def test_trial_of_a_lost_node_resumes_from_its_checkpoint_on_a_surviving_node(cl
 
     trials = pq.read_table(results / "nodeloss" / "trials.parquet").to_pylist()
     assert [(t["status"], t["kimg"] >= 2) for t in trials] == [("completed", True)], trials
+    assert Path(trials[0]["checkpoint_path"]).is_relative_to(storage / "nodeloss"), trials[0]["checkpoint_path"]
+    assert (results / "nodeloss" / "tune" / "storage").read_text().strip() == str(storage)
     evaluations = pq.read_table(evaluations_file).to_pylist()
     keys = [(row["trial_id"], row["kimg"]) for row in evaluations]
     assert len(keys) == len(set(keys)), f"duplicate (trial_id, kimg) rows: {keys}"
@@ -254,3 +266,46 @@ def test_trial_of_a_lost_node_resumes_from_its_checkpoint_on_a_surviving_node(cl
     assert nodes[0] == first_node and survivor_node in nodes, where
     lost_rows = nodes.index(survivor_node)
     assert nodes == [first_node] * lost_rows + [survivor_node] * (len(nodes) - lost_rows), where
+
+
+def can_make_private_mounts() -> bool:
+    try:
+        return subprocess.run([*UNSHARE_MOUNT, "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_results_folder_a_node_does_not_share_stops_the_sweep_before_any_trial(tmp_path):
+    """One worker sees its own empty folder where the others see the shared results (as a node without
+    the EFS mount would): the sweep must stop before any trial, naming the folder and the fix."""
+    if not can_make_private_mounts():
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root and must be able to give a test node its own mount namespace (unshare -m)")
+        pytest.skip("needs root (or CAP_SYS_ADMIN) for `unshare --mount`, to give one node a private folder")
+    results = tmp_path / "shared-results"
+    logs = tmp_path / "ray-logs"
+    logs.mkdir()
+    local = LocalCluster(logs)
+    try:
+        local.start(WORKERS, private={"worker_b": results})
+        sweep_file = write_sweep(tmp_path / "unshared.yaml", "unshared", seeds=[0, 1], kimg=1, every_kimg=0.5)
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        proc, log = start_sweep(local, sweep_file, results, cwd)
+        try:
+            proc.wait(timeout=SWEEP_TIMEOUT_S)
+        finally:
+            kill_tree(proc)
+        worker_a, worker_b = (local.node_id(name)[:12] for name in WORKERS)
+    finally:
+        local.shutdown()
+    output = log_tail(log)
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2, output
+    assert len(errors) == 1 and "Traceback" not in output, output
+    assert errors[0].startswith(f"error: {results / 'unshared'}: not shared with node "), errors
+    assert f"({worker_b})" in errors[0] and worker_a not in errors[0], errors
+    assert "--results on a file system every node mounts" in errors[0]
+    assert not (results / "unshared" / "trials.parquet").exists()
+    assert not (results / "unshared" / "trials").exists(), "a trial ran"

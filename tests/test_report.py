@@ -174,3 +174,25 @@ def test_report_renders_in_headless_chromium_with_every_image_decoded(report, tm
     assert 'data-images-total="4"' in dom and 'data-images-ok="4"' in dom  # the curves and 3 grids decoded
     assert '<table class="groups">' in dom and "60.00 ± 24.84" in dom
     assert not page_errors, page_errors
+
+
+def test_grid_paths_outside_the_sweep_directory_are_not_embedded(tmp_path):
+    """A grid_path in the Parquet is data: the report must not publish an arbitrary file it names."""
+    sweep_dir = build_sweep(tmp_path / "results")
+    secret = tmp_path / "secret.png"  # a real PNG outside the sweep directory
+    torchvision.utils.save_image(torch.rand(1, 3, 8, 8), secret)
+    escape = sweep_dir / "trials" / "t4" / "grids" / "escape.png"
+    escape.symlink_to(secret)  # inside by name, outside once resolved
+    import pyarrow.parquet as pq
+
+    trials = pq.read_table(sweep_dir / "trials.parquet").to_pandas()
+    trials.loc[trials.trial_id == "t3", "grid_path"] = str(secret)
+    trials.loc[trials.trial_id == "t4", "grid_path"] = str(escape)
+    trials.to_parquet(sweep_dir / "trials.parquet", index=False)
+    page = write_report(sweep_dir, tmp_path / "r.html").read_text()
+    grids = re.findall(r'<img alt="samples of trial (t\d)" src="([^"]+)"', page)
+    assert [t for t, _ in grids] == ["t5", "t0"]
+    secret_uri = base64.b64encode(secret.read_bytes()).decode()
+    assert secret_uri not in page
+    note = re.search(r"Sample grid outside the sweep directory, not embedded, for: ([^<]*<code>[^<]*</code>[^<]*)+", page)
+    assert note and "t3" in note.group(0) and "t4" in note.group(0)

@@ -284,6 +284,7 @@ MALFORMED = [
     ("random-without-num-samples", "name: x\nmethod: random\n", "num_samples", "random"),
     ("wrong-goal", "name: x\nmetric: {name: fid, goal: maximize}\n", "metric.goal", "'maximize'"),
     ("fractional-gpus-above-one", "name: x\nresources: {gpu: 1.5}\n", "resources.gpu", "1.5"),
+    ("two-gpus-for-a-one-gpu-trial", "name: x\nresources: {gpu: 2}\n", "resources.gpu", "one GPU"),
 ]
 
 

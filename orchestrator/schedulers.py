@@ -1,0 +1,317 @@
+"""ASHA for sweeps with seed replicates, and ASHA whose rungs survive a crashed driver.
+
+Ray Tune does not save a scheduler's state with the experiment, so after `--resume` its ASHA
+starts with empty rungs and culls more loosely than an uninterrupted run would. Both schedulers
+here write their state (rungs, decisions) to `<sweep>/scheduler.json` after every change and
+read it back on the first call after a restore, so a resumed sweep makes the same decisions.
+
+- `TrialASHA` (`scheduler.unit: trial`): Tune's own ASHA, judged per trial.
+- `ConfigASHA` (`scheduler.unit: config`): successive halving over configurations (trials that
+  differ only in `seed`), judged on the mean of their seeds' metric at each rung, with ASHA's
+  asynchronous rule applied to those means. Seeds of one configuration are stopped together.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from orchestrator.results import REPLICATE_KEYS
+
+STATE_FILE = "scheduler.json"
+
+
+def config_key(params: dict[str, Any]) -> str:
+    """Trials with the same key are seed replicates of one configuration."""
+    return json.dumps({k: v for k, v in params.items() if k not in REPLICATE_KEYS}, sort_keys=True)
+
+
+def rung_milestones(grace_period: float, max_t: float, reduction_factor: float) -> list[float]:
+    """Ray's ASHA rungs (one bracket), ascending; a rung at max_t never records (the trial ends there)."""
+    count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
+    return [m for m in (grace_period * reduction_factor**k for k in range(count)) if m < max_t]
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+def _failed(result: dict) -> bool:
+    """A report of a trial that diverged or errored: it ends, and its value judges nothing."""
+    return bool(result.get("diverged") or result.get("error"))
+
+
+class TrialASHA(ASHAScheduler):
+    """Tune's ASHA (one bracket) with its rungs and stop decisions saved to the sweep directory."""
+
+    def __init__(self, state_file: str, **kwargs):
+        super().__init__(**kwargs)
+        self.state_file = state_file
+        self.stopped: dict[str, tuple[float, float]] = {}  # trial_id -> (rung kimg, its metric there)
+        self._loaded = False
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_loaded"] = False  # a restored copy re-reads the file
+        return state
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        path = Path(self.state_file)
+        if not path.exists():
+            return
+        saved = json.loads(path.read_text())
+        rungs = {round(m, 9): recorded for m, recorded in saved["rungs"]}
+        for milestone, recorded in self._brackets[0]._rungs:
+            recorded.update(rungs.get(round(milestone, 9), {}))
+        self.stopped = {t: tuple(v) for t, v in saved["stopped"].items()}
+
+    def _save(self) -> None:
+        rungs = [[m, recorded] for m, recorded in self._brackets[0]._rungs]
+        _write_json(Path(self.state_file), {"unit": "trial", "rungs": rungs, "stopped": self.stopped})
+
+    def on_trial_add(self, tune_controller, trial: Trial):
+        self._load()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        self._load()
+        if trial.trial_id in self.stopped:  # decided before a crash: the same decision again
+            return TrialScheduler.STOP
+        before = {m: set(r) for m, r in self._brackets[0]._rungs}
+        action = super().on_trial_result(tune_controller, trial, result)
+        new = [m for m, r in self._brackets[0]._rungs if trial.trial_id in r and trial.trial_id not in before[m]]
+        if action == TrialScheduler.STOP and new and self._time_attr in result:
+            rung = new[0]
+            value = self._brackets[0]._rungs[[m for m, _ in self._brackets[0]._rungs].index(rung)][1][trial.trial_id]
+            self.stopped[trial.trial_id] = (rung, self._metric_op * value)
+        if new or action == TrialScheduler.STOP:
+            self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict):
+        self._load()
+        if trial.trial_id in self._trial_info:
+            super().on_trial_complete(tune_controller, trial, result)
+            self._save()
+
+    def on_trial_remove(self, tune_controller, trial: Trial):
+        self._trial_info.pop(trial.trial_id, None)
+
+    def stop_info(self, trial_id: str) -> tuple[float, float] | None:
+        """(rung kimg, the metric ASHA judged there) for a trial this scheduler stopped."""
+        self._load()
+        return self.stopped.get(trial_id)
+
+
+class ConfigASHA(FIFOScheduler):
+    """Successive halving over configurations, judged on the mean over their seeds.
+
+    At each rung, a configuration is judged once every one of its seeds has reported an evaluation
+    there (or ended): it continues if its mean is within the best 1/reduction_factor of the
+    configuration means recorded at that rung so far (Ray ASHA's percentile rule), else all its
+    trials stop. A seed that is ahead keeps training to the next rung; if the earlier decision is
+    still open there, it is paused (freeing its slot for a sibling) until the decision is made.
+    """
+
+    def __init__(self, state_file: str, *, time_attr: str, max_t: float, grace_period: float,
+                 reduction_factor: float, trial_params):
+        super().__init__()
+        self.state_file = state_file
+        self.time_attr = time_attr
+        self.max_t = max_t
+        self.reduction_factor = reduction_factor
+        self.milestones = rung_milestones(grace_period, max_t, reduction_factor)
+        self.trial_params = trial_params  # Tune trial config -> the sweep's parameters
+        self._metric: str | None = None
+        self.sign = 1.0  # metric * sign: larger is better
+        self._trials: dict[str, Trial] = {}
+        self._config_of: dict[str, str] = {}
+        self._reset_state()
+        self._loaded = False
+
+    def _reset_state(self) -> None:
+        ms = [str(m) for m in self.milestones]
+        self.records: dict[str, dict[str, dict[str, float]]] = {m: {} for m in ms}  # rung -> config -> trial -> value
+        self.means: dict[str, dict[str, float]] = {m: {} for m in ms}  # rung -> config -> signed mean
+        self.decided: dict[str, dict[str, str]] = {}  # config -> rung -> continue | stop | none
+        self.stopped: dict[str, tuple[float, float]] = {}  # config -> (rung kimg, mean metric there)
+        self.ended: set[str] = set()
+        self.finished: set[str] = set()  # trials that reported their last evaluation (max_t)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_trials"] = {}
+        state["_loaded"] = False
+        return state
+
+    # --- persistence ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        path = Path(self.state_file)
+        if not path.exists():
+            return
+        saved = json.loads(path.read_text())
+        self.records.update(saved["records"])
+        self.means.update(saved["means"])
+        self.decided = saved["decided"]
+        self.stopped = {c: tuple(v) for c, v in saved["stopped"].items()}
+        self.ended = set(saved["ended"])
+        self.finished = set(saved["finished"])
+
+    def _save(self) -> None:
+        _write_json(Path(self.state_file), {
+            "unit": "config", "records": self.records, "means": self.means, "decided": self.decided,
+            "stopped": self.stopped, "ended": sorted(self.ended), "finished": sorted(self.finished),
+        })
+
+    # --- Tune hooks ----------------------------------------------------------------------------
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        if metric:
+            self._metric = metric
+        if mode:
+            self.sign = -1.0 if mode == "min" else 1.0
+        return True
+
+    def on_trial_add(self, tune_controller, trial: Trial):
+        self._load()
+        self._trials[trial.trial_id] = trial
+        self._config_of[trial.trial_id] = config_key(self.trial_params(trial.config))
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        self._load()
+        tid = trial.trial_id
+        config = self._config_of[tid]
+        if self.time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        if config in self.stopped:
+            return TrialScheduler.STOP
+        if _failed(result):  # it ends by itself; its siblings need not wait for it
+            self.ended.add(tid)
+            action = self._decide(tune_controller, config, current=tid)
+            self._save()
+            return action
+        t = float(result[self.time_attr])
+        self._record(tid, config, t, float(result[self._metric]))
+        if t >= self.max_t:
+            self.finished.add(tid)
+        action = self._decide(tune_controller, config, current=tid)
+        if action == TrialScheduler.CONTINUE and self._waiting(tid):
+            action = TrialScheduler.PAUSE
+        elif action == TrialScheduler.CONTINUE and tid in self.finished:
+            action = TrialScheduler.STOP  # the budget is spent, as Tune's ASHA does at max_t
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict):
+        self._end(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial: Trial):
+        self._end(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial: Trial):
+        self._end(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        """Pending trials first (in sweep order, so the seeds of a configuration run close together),
+        then paused ones whose configuration has decided; never a trial still waiting for its siblings."""
+        for wanted in (Trial.PENDING, Trial.PAUSED):
+            for trial in tune_controller.get_trials():
+                if trial.status == wanted and not self._waiting(trial.trial_id):
+                    return trial
+        return None
+
+    def debug_string(self) -> str:
+        return f"ConfigASHA: {len(self.stopped)} configurations stopped"
+
+    def stop_info(self, trial_id: str) -> tuple[float, float] | None:
+        """(rung kimg, mean metric of its configuration there) for a trial whose configuration was stopped."""
+        self._load()
+        return self.stopped.get(self._config_of.get(trial_id, ""))
+
+    # --- the rule ------------------------------------------------------------------------------
+    def _end(self, tune_controller, trial: Trial) -> None:
+        self._load()
+        self.ended.add(trial.trial_id)
+        config = self._config_of.get(trial.trial_id)
+        if config is not None and config not in self.stopped:
+            self._decide(tune_controller, config, current=trial.trial_id)
+        self._save()
+
+    def _siblings(self, config: str) -> list[str]:
+        return [t for t, c in self._config_of.items() if c == config]
+
+    def _highest_recorded(self, tid: str) -> float:
+        config = self._config_of[tid]
+        return max((float(m) for m in self.records if tid in self.records[m].get(config, {})), default=-math.inf)
+
+    def _record(self, tid: str, config: str, t: float, value: float) -> None:
+        """Like Ray's bracket: the value lands in the highest rung reached that it has not passed yet."""
+        for m in reversed(self.milestones):
+            if t >= m:
+                if self._highest_recorded(tid) < m:
+                    self.records[str(m)].setdefault(config, {})[tid] = value
+                return
+
+    def _arrived(self, tid: str, m: float) -> bool:
+        return tid in self.ended or tid in self.finished or self._highest_recorded(tid) >= m
+
+    def _waiting(self, tid: str) -> bool:
+        """Ahead of an open decision: it recorded at a rung above an undecided one (or finished)."""
+        config = self._config_of.get(tid)
+        if config is None or config in self.stopped or tid in self.ended:
+            return False
+        decided = self.decided.get(config, {})
+        reached = math.inf if tid in self.finished else self._highest_recorded(tid)
+        return any(str(m) not in decided for m in self.milestones if m < reached)
+
+    def _decide(self, tune_controller, config: str, current: str) -> str:
+        """Take every decision of `config` that its seeds allow, lowest rung first."""
+        decided = self.decided.setdefault(config, {})
+        for m in self.milestones:
+            key = str(m)
+            if key in decided:
+                if decided[key] == "stop":
+                    return TrialScheduler.STOP
+                continue
+            if not all(self._arrived(t, m) for t in self._siblings(config)):
+                break
+            values = list(self.records[key].get(config, {}).values())
+            if not values:  # every seed ended before this rung
+                decided[key] = "none"
+                continue
+            mean = float(np.mean(values))
+            signed = self.sign * mean
+            previous = list(self.means[key].values())
+            cutoff = np.nanpercentile(previous, (1 - 1 / self.reduction_factor) * 100) if previous else None
+            self.means[key][config] = signed
+            if cutoff is not None and signed < cutoff:
+                decided[key] = "stop"
+                self.stopped[config] = (m, mean)
+                self._stop_siblings(tune_controller, config, current)
+                return TrialScheduler.STOP
+            decided[key] = "continue"
+        return TrialScheduler.CONTINUE
+
+    def _stop_siblings(self, tune_controller, config: str, current: str) -> None:
+        """Paused and pending seeds stop now; running ones at their next report."""
+        if tune_controller is None:
+            return
+        for tid in self._siblings(config):
+            trial = self._trials.get(tid)
+            if tid != current and trial is not None and trial.status in (Trial.PAUSED, Trial.PENDING):
+                tune_controller.stop_trial(trial)
