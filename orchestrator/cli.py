@@ -88,7 +88,7 @@ def sweep(
     except user_errors() as exc:
         fail(str(exc))
     except SweepInterrupted as stop:
-        again = rerun_command(file, data=data, results=results, address=address, resume=stop.resumable)
+        again = rerun_command(file, data=data, results=results, address=address, storage=storage, resume=stop.resumable)
         typer.echo(
             f"interrupted: {stop.unfinished} of {stop.total} trials unfinished; "
             f"{'continue' if stop.resumable else 'start it again'} with: {again}", err=True,
@@ -109,13 +109,14 @@ def sweep(
         fail(f"cannot join the Ray cluster at {address}: {exc}{auth}")
 
 
-def rerun_command(file: Path, *, data: Optional[str], results: Path, address: Optional[str], resume: bool) -> str:
+def rerun_command(file: Path, *, data: Optional[str], results: Path, address: Optional[str], storage: Optional[str],
+                  resume: bool) -> str:
     """The `orchestrator sweep` command line that continues (or restarts) this sweep with the same flags."""
     import shlex
 
     words = ["orchestrator", "sweep", str(file)] + (["--resume"] if resume else [])
     for flag, value in (("--data", data), ("--results", results if results != DEFAULT_RESULTS else None),
-                        ("--address", address)):
+                        ("--address", address), ("--storage", storage)):
         if value is not None:
             words += [flag, str(value)]
     return shlex.join(words)

@@ -154,11 +154,16 @@ def blocks(measured: Measured) -> list[tuple[Any, float | None, Any]]:
                   key=lambda k: tuple(str(x) for x in k))
 
 
+def _block_key(extractor: Any, kimg: Any, samples: Any) -> str:
+    """A comparable key (None and NaN alike: tables written before a column existed hold nulls)."""
+    return "|".join(str(_plain(v)) for v in (extractor, kimg, samples))
+
+
 def _in_block(values: pd.DataFrame, block: tuple) -> pd.DataFrame:
-    extractor, kimg, samples = block
-    if extractor is None:
+    if block[0] is None:
         return values.iloc[0:0]
-    return values[(values["extractor"] == extractor) & (values["fid_kimg"] == kimg) & (values["fid_samples"] == samples)]
+    keys = [_block_key(*k) for k in values[["extractor", "fid_kimg", "fid_samples"]].itertuples(index=False)]
+    return values[[k == _block_key(*block) for k in keys]]
 
 
 def _block_fields(block: tuple) -> dict[str, Any]:

@@ -25,10 +25,11 @@ ENDED = ("completed", "stopped_early", "diverged", "error")  # every other statu
 # trial_id of a row that stands for a grid trial Tune had not created when the sweep was interrupted.
 PLACEHOLDER_PREFIX = "pending-"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# What Tune logs when it stops on a signal, ending with advice (Tuner.restore) that is wrong for this CLI,
-# and its complaint about the trials that never started; the `interrupted:` line says it all.
-TUNE_STOP_MESSAGES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete",
-                      "Failed to fetch metrics")
+# What Tune logs when it stops on a signal, ending with advice (Tuner.restore) that is wrong for this CLI;
+# the `interrupted:` line says it all.
+TUNE_STOP_MESSAGES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+# Tune's complaint, at the end and on --resume, about trials that never started: the tables list them.
+TUNE_NOISE = ("Failed to fetch metrics",)
 TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
 
 
@@ -88,7 +89,10 @@ class StopSignals(logging.Filter):
         tune_stop(signum, frame)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.signum is None or not record.getMessage().startswith(TUNE_STOP_MESSAGES)
+        message = record.getMessage()
+        if message.startswith(TUNE_NOISE):
+            return False
+        return self.signum is None or not message.startswith(TUNE_STOP_MESSAGES)
 
 
 def total_trials(sweep: Sweep) -> int:
@@ -149,6 +153,7 @@ def _run(sweep: Sweep, sweep_dir: SweepDir, dataset, results: Path, *, address: 
     finally:
         if live is not None:
             live.stop()
+    console.print()  # the live table's last line has no newline; the closing line starts its own
     resumable = sweep_dir.tune_path.exists()
     if resumable:
         unfinished, total = record_unfinished(sweep, sweep_dir)
@@ -156,7 +161,6 @@ def _run(sweep: Sweep, sweep_dir: SweepDir, dataset, results: Path, *, address: 
         unfinished = total = total_trials(sweep)
     if unfinished:
         raise SweepInterrupted(stop.signum, unfinished, total, resumable)
-    console.print()
     console.print(
         f"done: {sweep_dir.path / 'trials.parquet'}; rank with "
         f"`orchestrator leaderboard --results {results} --sweep {sweep.name}`"

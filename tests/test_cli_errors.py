@@ -326,3 +326,44 @@ def test_leaderboard_without_results_says_so_in_one_line(case, expected, leaderb
     root, runs = leaderboard_runs
     assert_one_line_error(runs[case], str(root / case.replace("unknown-sweep", "started")), expected)
     assert not runs[case].imported_ray
+
+
+# --- paths the commands create -------------------------------------------------------------------
+
+# Tests run as root, where permissions alone never make a directory unwritable: a path under a regular
+# file, or under /proc, cannot be created by anyone.
+UNWRITABLE = "/proc/gan-sweeps-cannot-exist"
+
+
+@pytest.fixture(scope="module")
+def path_runs(tmp_path_factory) -> tuple[Path, dict[str, Run]]:
+    root = tmp_path_factory.mktemp("bad-paths")
+    (root / "ok.yaml").write_text(VALID)
+    (root / "a-file").write_text("not a folder\n")
+    cache = tmp_path_factory.getbasetemp() / "gan-cache"
+    sweep = ["sweep", str(root / "ok.yaml")]
+    cases = {
+        "results-under-file": ([*sweep, "--results", str(root / "a-file" / "results")], cache),
+        "results-in-proc": ([*sweep, "--results", UNWRITABLE], cache),
+        "cache-under-file": ([*sweep, "--results", str(root / "results" / "c1")], root / "a-file" / "cache"),
+        "cache-in-proc": ([*sweep, "--results", str(root / "results" / "c2")], Path(UNWRITABLE)),
+    }
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        futures = {name: pool.submit(run_cli, args, root / "runs" / name, where)
+                   for name, (args, where) in cases.items()}
+        return root, {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("case, path, reason", [
+    ("results-under-file", "{root}/a-file/results/cli-errors", "Not a directory"),
+    ("results-in-proc", UNWRITABLE + "/cli-errors", "No such file or directory"),
+    ("cache-under-file", "{root}/a-file/cache/data", "Not a directory"),
+    ("cache-in-proc", UNWRITABLE + "/data", "No such file or directory"),
+])
+def test_a_path_that_cannot_be_created_fails_with_one_line_before_ray(case, path, reason, path_runs):
+    root, runs = path_runs
+    line = assert_one_line_error(runs[case], path.format(root=root), reason)
+    assert line.startswith("error: ") and runs[case].returncode == 2
+    assert not runs[case].imported_ray
+    assert (root / "a-file").read_text() == "not a folder\n"
+    assert not (root / "results").exists()  # an unusable cache stops the sweep before it claims --results

@@ -31,7 +31,8 @@ scheduler: {type: asha, grace_period: 40, reduction_factor: 3, max_t: 80}
 """
 WIDTHS = "64-32-16"
 KIMG_BUDGET = 80.0
-# trial id -> (variant, seed, status, FID at kimg 20, 40, ...); best FIDs: dcgan 80/90/100, use-gan 50/60/70.
+# trial id -> (variant, seed, status, FID at kimg 20, 40, ...); final FIDs (at the 80-kimg budget) of the
+# completed trials: dcgan 80 (t0), use-gan 50 and 60 (t3, t4); the others have none and are never averaged.
 TRIALS = {
     "t0": ("dcgan", 0, "completed", [300.0, 150.0, 100.0, 80.0]),
     "t1": ("dcgan", 1, "stopped_early", [320.0, 90.0]),
@@ -41,7 +42,7 @@ TRIALS = {
     "t5": ("use-gan", 2, "stopped_early", [270.0, 70.0]),
 }
 DIVERGED_REASON = "non-finite loss_d <nan> at step 1200"
-MISSING_GRID_TRIAL = "t5"  # among the best 4: its grid file is deleted
+MISSING_GRID_TRIAL = "t4"  # among the ranked trials: its latest grid file is deleted
 
 
 def build_sweep(root: Path, trials: dict = TRIALS, widths: dict[str, str] | None = None) -> Path:
@@ -72,7 +73,8 @@ def build_sweep(root: Path, trials: dict = TRIALS, widths: dict[str, str] | None
         writer.update_trial(
             trial_id, **params, status=status, reason=DIVERGED_REASON if status == "diverged" else "",
             best_fid=best["fid"], best_fid_kimg=best["kimg"], best_is=best["is_mean"],
-            final_fid=last["fid"] if last["final"] else None, extractor="tiny-conv", kimg=last["kimg"],
+            final_fid=last["fid"] if last["final"] else None, final_is=last["is_mean"] if last["final"] else None,
+            final_fid_samples=256 if last["final"] else None, extractor="tiny-conv", kimg=last["kimg"],
             kimg_budget=KIMG_BUDGET, evaluations=len(evaluations), grid_path=last["grid_path"],
             run_dir=str(grids.parent), data_source="synthetic", started=start, ended=start + timedelta(hours=1),
         )
@@ -85,7 +87,7 @@ def report(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
     cluster_copy = build_sweep(root / "cluster")
     sweep_dir = Path(shutil.move(cluster_copy, root / "laptop" / "variants-demo"))
-    (sweep_dir / "trials" / MISSING_GRID_TRIAL / "grids" / "grid-kimg00040.000.png").unlink()
+    (sweep_dir / "trials" / MISSING_GRID_TRIAL / "grids" / "grid-kimg00080.000.png").unlink()
     return write_report(sweep_dir)
 
 
@@ -114,17 +116,19 @@ def test_header_names_sweep_statuses_data_and_warns_about_tiny_conv(report):
 def test_grouped_leaderboard_has_variant_means_with_95_ci_then_ranked_trials(report):
     page = report.read_text()
     groups = page[page.index('<table class="groups">'):page.index('<table class="trials">')]
-    # best FIDs 50/60/70 and 80/90/100: mean ± t(0.975, 2) * 10 / sqrt(3) = ± 24.84
+    # final FIDs 50 and 60: mean ± t(0.975, 1) * 5 = ± 63.53; dcgan has one completed trial (80)
     rows = re.findall(r"<tr[^>]*>(.*?)</tr>", groups.split("<tbody>")[1])
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows]
-    assert [c[:5] for c in cells] == [
-        ["1", "use-gan", "3", "2", "60.00 ± 24.84"],
-        ["2", "dcgan", "3", "1", "90.00 ± 24.84"],
+    assert [c[:8] for c in cells] == [
+        ["1", "use-gan", "3", "2", "1", "0", "0", "55.00 ± 63.53"],
+        ["2", "dcgan", "3", "1", "1", "1", "0", "80.00 (n=1)"],
     ]
+    assert "final FID at 80 kimg, 256 generated images" in groups
     trials = page[page.index('<table class="trials">'):]
     ranked_ids = re.findall(r"<tr[^>]*><td[^>]*>\d+</td><td>(t\d)</td>", trials)
-    assert ranked_ids == ["t3", "t4", "t5", "t0", "t1", "t2"]
-    assert "diverged: non-finite loss_d &lt;nan&gt; at step 1200" in page
+    assert ranked_ids == ["t3", "t4", "t0"]  # stopped and diverged trials are listed after, unranked
+    assert re.search(r"not ranked: no final FID.*t1.*t2.*t5", trials, re.S)
+    assert re.search(r"s-diverged.*non-finite loss_d &lt;nan&gt; at step 1200", trials)  # status and reason
 
 
 def test_fid_curves_are_one_embedded_png_on_a_log_axis_when_fid_spans_10x(report):
@@ -138,10 +142,10 @@ def test_fid_curves_are_one_embedded_png_on_a_log_axis_when_fid_spans_10x(report
 def test_best_trials_show_their_latest_grid_and_a_note_for_a_missing_file(report):
     page = report.read_text()
     grids = re.findall(r'<img alt="samples of trial (t\d)" src="([^"]+)"', page)
-    assert [t for t, _ in grids] == ["t3", "t4", "t0"]  # the best 4 are t3 t4 t5 t0; t5's grid is gone
+    assert [t for t, _ in grids] == ["t3", "t0"]  # the ranked trials are t3 t4 t0; t4's grid is gone
     assert all(decode_png(src).size == (74, 74) for _, src in grids)  # 4x4 grid of 16 px images, 2 px padding
-    assert re.search(r"Sample grid file missing for: t5 \(<code>[^<]*grid-kimg00040\.000\.png</code>\)", page)
-    assert "#1 t3</strong>" in page and "best FID <strong>50.00</strong> at 80 kimg" in page
+    assert re.search(r"Sample grid file missing for: t4 \(<code>[^<]*grid-kimg00080\.000\.png</code>\)", page)
+    assert "#1 t3</strong>" in page and "final FID <strong>50.00</strong> at 80 kimg" in page
 
 
 def test_sweep_file_is_shown_escaped_and_nothing_is_fetched_from_the_network(report):
@@ -155,8 +159,8 @@ def test_default_grouping_falls_back_to_generator_widths(tmp_path):
     one_variant = {t: ("dcgan", *rest[1:]) for t, rest in TRIALS.items()}
     widths = {"t0": "64-32-16", "t1": "64-32-16", "t2": "64-32-16", "t3": "32-16-8", "t4": "32-16-8", "t5": "32-16-8"}
     page = write_report(build_sweep(tmp_path, one_variant, widths), tmp_path / "out" / "r.html").read_text()
-    assert "<h3>By g_widths: best FID" in page
-    assert "<td>32-16-8</td><td class=\"num\">3</td>" in page
+    assert "<h3>By g_widths: mean" in page
+    assert "<td>32-16-8</td><td>3</td>" in page
 
 
 def test_missing_or_empty_results_raise_a_one_line_leaderboard_error(tmp_path):
@@ -171,8 +175,8 @@ def test_missing_or_empty_results_raise_a_one_line_leaderboard_error(tmp_path):
 
 def test_report_renders_in_headless_chromium_with_every_image_decoded(report, tmp_path):
     dom, page_errors = open_in_chromium(report, tmp_path / "profile")
-    assert 'data-images-total="4"' in dom and 'data-images-ok="4"' in dom  # the curves and 3 grids decoded
-    assert '<table class="groups">' in dom and "60.00 ± 24.84" in dom
+    assert 'data-images-total="3"' in dom and 'data-images-ok="3"' in dom  # the curves and 2 grids decoded
+    assert '<table class="groups">' in dom and "55.00 ± 63.53" in dom
     assert not page_errors, page_errors
 
 
@@ -191,7 +195,7 @@ def test_grid_paths_outside_the_sweep_directory_are_not_embedded(tmp_path):
     trials.to_parquet(sweep_dir / "trials.parquet", index=False)
     page = write_report(sweep_dir, tmp_path / "r.html").read_text()
     grids = re.findall(r'<img alt="samples of trial (t\d)" src="([^"]+)"', page)
-    assert [t for t, _ in grids] == ["t5", "t0"]
+    assert [t for t, _ in grids] == ["t0"]  # ranked: t3 t4 t0; both others point outside
     secret_uri = base64.b64encode(secret.read_bytes()).decode()
     assert secret_uri not in page
     note = re.search(r"Sample grid outside the sweep directory, not embedded, for: ([^<]*<code>[^<]*</code>[^<]*)+", page)

@@ -41,40 +41,130 @@ def test_smoke_sweep_records_every_evaluation_and_asha_stops_some(smoke):
         assert trial["kimg"] == rows[-1]["kimg"]
         assert all(r["data_source"] == "synthetic" and r["extractor"] == "tiny-conv" for r in rows)
         assert Path(trial["grid_path"]).is_file() and Path(trial["checkpoint_path"]).is_dir()
+        # g_steps counts generator updates: wgan makes 5 critic steps (5 batches of real images) per update
+        d_steps = 5 if trial["variant"] == "wgan" else 1
+        assert all(r["g_steps"] * 32 * d_steps == round(r["kimg"] * 1000) for r in rows)
         if trial["status"] == "completed":
             assert trial["kimg"] >= 4 and rows[-1]["final"] and rows[-1]["fid_samples"] == 512
-            assert trial["final_fid"] == rows[-1]["fid"]
+            assert trial["final_fid"] == rows[-1]["fid"] and trial["final_fid_samples"] == 512
         else:
-            assert trial["kimg"] < 4 and trial["final_fid"] is None and rows[-1]["fid_samples"] == 256
-    stopped = [t for t in trials.values() if t["status"] == "stopped_early"]
-    assert stopped, "ASHA stopped no trial early"
+            assert trial["stopped_at_kimg"] in (1.0, 2.0)
+    assert [t for t in trials.values() if t["status"] == "stopped_early"], "ASHA stopped no configuration"
     columns = pq.read_schema(sweep_dir / "evaluations.parquet").names
-    for column in ("sweep", "trial_id", "variant", "seed", "g_widths", "kimg", "fid", "is_mean", "extractor",
-                   "fid_samples", "loss_d", "loss_g", "images_per_s", "wall_s", "node", "time"):
+    for column in ("sweep", "trial_id", "variant", "seed", "g_widths", "kimg", "g_steps", "fid", "is_mean",
+                   "extractor", "fid_samples", "loss_d", "loss_g", "images_per_s", "wall_s", "node", "time"):
         assert column in columns
 
 
 @pytest.mark.slow
-def test_leaderboard_json_matches_parquet(smoke):
+def test_config_asha_stops_every_seed_of_a_configuration_at_one_rung_on_their_mean(smoke):
+    """scheduler.unit: config (the smoke sweep's): seeds of a variant end alike, judged on their mean."""
+    results, _ = smoke
+    evals = pq.read_table(results / "smoke" / "evaluations.parquet").to_pylist()
+    trials = pq.read_table(results / "smoke" / "trials.parquet").to_pylist()
+    by_variant: dict[str, list[dict]] = {}
+    for t in trials:
+        by_variant.setdefault(t["variant"], []).append(t)
+    assert all(len(seeds) == 2 for seeds in by_variant.values())
+    for variant, seeds in by_variant.items():
+        assert len({(t["status"], t["stopped_at_kimg"], t["stopped_metric"]) for t in seeds}) == 1, seeds
+        rung = seeds[0]["stopped_at_kimg"]
+        if rung is None:
+            continue
+        # The mean it was judged on is the mean over its seeds of the FID each reported at that rung.
+        at_rung = [min((e for e in evals if e["trial_id"] == t["trial_id"] and e["kimg"] >= rung),
+                       key=lambda e: e["kimg"])["fid"] for t in seeds]
+        assert seeds[0]["stopped_metric"] == pytest.approx(sum(at_rung) / len(at_rung))
+    assert any(seeds[0]["status"] == "stopped_early" for seeds in by_variant.values())
+    assert any(seeds[0]["status"] == "completed" for seeds in by_variant.values())
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_leaderboard_ranks_final_fids_of_completed_trials_only(smoke):
     results, _ = smoke
     trials = {t["trial_id"]: t for t in pq.read_table(results / "smoke" / "trials.parquet").to_pylist()}
-    out = subprocess.run([*CLI, "leaderboard", "--results", str(results), "--format", "json"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    ranked = json.loads(out)
-    assert [r["trial_id"] for r in ranked] == sorted(trials, key=lambda t: trials[t]["best_fid"])
-    for row in ranked:
-        assert row["best_fid"] == trials[row["trial_id"]]["best_fid"]
-        assert row["status"] == trials[row["trial_id"]]["status"]
+    proc = run_cli("leaderboard", "--results", str(results), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    completed = sorted((t for t in trials.values() if t["status"] == "completed"), key=lambda t: t["final_fid"])
+    assert [r["trial_id"] for r in rows if r["rank"] is not None] == [t["trial_id"] for t in completed]
+    assert {r["trial_id"] for r in rows if r["rank"] is None} == set(trials) - {t["trial_id"] for t in completed}
+    assert all(r["fid_samples"] == 512 and r["fid_kimg"] == 4.0 for r in rows if r["rank"] is not None)
 
-    out = subprocess.run([*CLI, "leaderboard", "--results", str(results), "--group-by", "variant", "--format", "json"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    groups = {g["variant"]: g for g in json.loads(out)}
-    assert set(groups) == {"dcgan", "use-cmhsa-gan", "wgan"}
+    proc = run_cli("leaderboard", "--results", str(results), "--group-by", "variant", "--format", "json")
+    groups = {g["variant"]: g for g in json.loads(proc.stdout)}
+    assert set(groups) == {"dcgan", "use-cmhsa-gan", "wgan"}  # culled variants still appear
     for variant, group in groups.items():
-        fids = [t["best_fid"] for t in trials.values() if t["variant"] == variant]
-        assert group["n"] == len(fids) == 2
-        assert group["best_fid_mean"] == pytest.approx(sum(fids) / len(fids))
-        assert group["best_fid_ci95"] > 0
+        finals = [t["final_fid"] for t in trials.values() if t["variant"] == variant and t["status"] == "completed"]
+        assert group["n"] == 2 and group["n_completed"] == len(finals)
+        if finals:
+            assert group["final_fid_mean"] == pytest.approx(sum(finals) / len(finals))
+        else:
+            assert group["final_fid_mean"] is None and group["stopped_at_kimg"] in (1.0, 2.0)
+    ranked = [g["variant"] for g in json.loads(proc.stdout)]
+    assert ranked[0] in [v for v, g in groups.items() if g["final_fid_mean"] is not None]
+
+
+@pytest.mark.slow
+def test_readme_headline_commands_and_at_kimg_on_the_smoke_sweep(smoke):
+    results, _ = smoke
+    proc = run_cli("leaderboard", "--results", str(results), "--group-by", "variant")  # the README's command
+    assert proc.returncode == 0, proc.stderr
+    assert "final FID at 4 kimg, 512 generated images" in proc.stdout and "use-cmhsa-gan" in proc.stdout
+    proc = run_cli("leaderboard", "--results", str(results), "--at-kimg", "1", "--format", "json")
+    rows = json.loads(proc.stdout)
+    assert all(r["rank"] is not None and r["fid_samples"] == 256 and 1.0 <= r["kimg"] < 1.5 for r in rows)
+    assert len(rows) == 6  # every trial reached the first rung
+
+
+FIFO_SEEDS_SWEEP = """
+name: pairs
+data: {synthetic_count: 300}
+model: {g_widths: [16, 8, 8, 8], d_widths: [8, 8, 16, 16]}
+train: {kimg: 0.5, batch_size: 32}
+eval: {every_kimg: 0.5, fid_samples: 64, final_fid_samples: 96, extractor: tiny-conv, grid_size: 2}
+parameters:
+  variant: {values: [dcgan, use-gan]}
+  seed: {values: [0, 1, 2]}
+scheduler: {type: fifo}
+"""
+
+
+@pytest.mark.slow
+def test_baseline_difference_is_scipys_paired_t_test_over_the_seeds(tmp_path):
+    from scipy import stats
+
+    (tmp_path / "pairs.yaml").write_text(FIFO_SEEDS_SWEEP)
+    proc = subprocess.run([*CLI, "sweep", str(tmp_path / "pairs.yaml"), "--results", str(tmp_path / "r")],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = pq.read_table(tmp_path / "r" / "pairs" / "trials.parquet").to_pylist()
+    assert sorted(t["seed"] for t in trials) == [0, 0, 1, 1, 2, 2]
+    assert all(t["status"] == "completed" for t in trials)
+    final = {(t["variant"], t["seed"]): t["final_fid"] for t in trials}
+    dcgan = [final["dcgan", s] for s in range(3)]
+    use = [final["use-gan", s] for s in range(3)]
+    proc = run_cli("leaderboard", "--results", str(tmp_path / "r"), "--group-by", "variant",
+                   "--baseline", "variant=dcgan", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    groups = {g["variant"]: g for g in json.loads(proc.stdout)}
+    expected = stats.ttest_rel(use, dcgan)
+    assert groups["use-gan"]["test"] == "paired t"
+    assert groups["use-gan"]["p_value"] == pytest.approx(expected.pvalue)
+    assert groups["use-gan"]["diff_fid"] == pytest.approx(sum(use) / 3 - sum(dcgan) / 3)
+    low, high = expected.confidence_interval(0.95)
+    assert (groups["use-gan"]["diff_ci95_low"], groups["use-gan"]["diff_ci95_high"]) == pytest.approx((low, high))
+    mean, half = groups["dcgan"]["final_fid_mean"], groups["dcgan"]["final_fid_ci95"]
+    assert (mean - half, mean + half) == pytest.approx(
+        stats.t.interval(0.95, 2, loc=sum(dcgan) / 3, scale=stats.sem(dcgan)))
+    for fmt in ("markdown", "latex", "csv"):
+        proc = run_cli("leaderboard", "--results", str(tmp_path / "r"), "--group-by", "variant",
+                       "--baseline", "variant=dcgan", "--format", fmt)
+        assert proc.returncode == 0 and "use-gan" in proc.stdout, proc.stderr
 
 
 def test_dry_run_prints_trials_and_never_imports_ray():
@@ -90,6 +180,7 @@ def test_dry_run_prints_trials_and_never_imports_ray():
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "smoke: 6 trials (grid)" in out
     assert out.count("use-cmhsa-gan") == 2
+    assert "scheduler: asha, unit config" in out and "seed (effective)" in out
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
@@ -106,8 +197,11 @@ def test_report_of_the_smoke_sweep_opens_in_a_browser(smoke, tmp_path):
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     dom, page_errors = open_in_chromium(tmp_path / "r.html", tmp_path / "profile")
-    assert 'data-images-total="5"' in dom and 'data-images-ok="5"' in dom  # FID curves + 4 best grids
+    completed = sum(t["status"] == "completed" for t in pq.read_table(results / "smoke" / "trials.parquet").to_pylist())
+    images = 1 + min(4, completed)  # FID curves + the grids of the best 4 ranked (completed) trials
+    assert f'data-images-total="{images}"' in dom and f'data-images-ok="{images}"' in dom
     assert '<table class="groups">' in dom and "use-cmhsa-gan" in dom and "stopped_early" in dom
+    assert "final FID at 4 kimg, 512 generated images" in dom
     assert "name: smoke" in dom  # the sweep file that produced it
     assert not page_errors, page_errors
 
