@@ -69,7 +69,7 @@ def missing_tools() -> list[str]:
 
 
 def kill_processes_mentioning(marker: str) -> None:
-    """Stop, by pid, every process whose command line names `marker` (this test's Ray temp dir)."""
+    """Stop, by pid, every process whose command line names `marker` (this test's folder: its Ray, its sshd)."""
     victims = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
@@ -148,13 +148,25 @@ def cluster_file(sshd: Sshd, work: Path, ray_temp: Path, ray_port: int, relay: P
     ports = (f"--port={ray_port} --temp-dir={ray_temp} --dashboard-port={free_port()} "
              f"--ray-client-server-port={free_port()} --dashboard-agent-listen-port={free_port()} "
              f"--num-cpus=2 --object-store-memory={300 * 2**20} --disable-usage-stats")
+    # Token authentication, explicitly (README, Security): with RAY_AUTH_MODE unset, `ray start --head`
+    # turns it on by itself when ~/.ray/auth_token exists, and a driver given an address then fails.
+    auth = f"export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token_file(work)}; "
     config["head_start_ray_commands"] = [
-        here(command).replace("--port=6379", ports)
+        auth + here(command).replace("--port=6379", ports)
         for command in config["head_start_ray_commands"] if not command.endswith("ray stop")
     ]
     assert len(config["head_start_ray_commands"]) == 1 and ports in config["head_start_ray_commands"][0]
     path = work / "onprem-test.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def token_file(work: Path) -> Path:
+    """A throwaway Ray auth token for this test's cluster (never the user's ~/.ray)."""
+    path = work / "auth_token"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
     return path
 
 
@@ -196,7 +208,8 @@ def test_ray_up_of_the_onprem_config_then_a_sweep_on_its_head_then_ray_down(tmp_
         results = work / "results"
         # On the head, as the README says: the file's environment, the copied repository, --address auto
         # (RAY_ADDRESS picks this test's head, never another Ray running on the machine).
-        sweep = (f"cd {work / 'gan-sweeps'} && RAY_ADDRESS=127.0.0.1:{ray_port} GAN_CACHE_DIR={work / 'cache'} "
+        sweep = (f"cd {work / 'gan-sweeps'} && export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token_file(work)} "
+                 f"RAY_ADDRESS=127.0.0.1:{ray_port} GAN_CACHE_DIR={work / 'cache'} && "
                  f"{work / 'env' / 'bin' / 'orchestrator'} sweep sweeps/smoke.yaml --address auto --results {results}")
         done = run([*RAY_CLI, "exec", str(config), sweep], log, SWEEP_TIMEOUT_S, env)
         assert done.returncode == 0, tail(log)
@@ -224,7 +237,7 @@ def test_ray_up_of_the_onprem_config_then_a_sweep_on_its_head_then_ray_down(tmp_
         else:
             assert not os.environ.get("CI"), f"`ray` on the ssh login PATH in CI: {probe.stdout}"
     finally:
-        kill_processes_mentioning(str(ray_temp))  # `ray down` leaves the head's Ray running
+        kill_processes_mentioning(str(work))  # `ray down` leaves the head's Ray running (and its env)
         sshd.stop()
         for path, was_there in existed.items():
             if not was_there:

@@ -1,6 +1,7 @@
 """Sweep files: the shipped ones load, trials expand as documented, bad files fail with one clear line."""
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -87,9 +88,18 @@ def test_conditional_parameter_only_multiplies_where_it_holds(tmp_path: Path):
 def test_grid_repeats_add_a_repeat_key(tmp_path: Path):
     once = load_sweep(write(tmp_path, "name: r\nparameters: {seed: {values: [0, 1]}}\n")).trials()
     assert once == [{"seed": 0}, {"seed": 1}]
-    twice = load_sweep(write(tmp_path, "name: r\nnum_samples: 2\nparameters: {seed: {values: [0, 1]}}\n")).trials()
-    assert twice == [{"seed": 0, "repeat": 0}, {"seed": 1, "repeat": 0}, {"seed": 0, "repeat": 1},
-                     {"seed": 1, "repeat": 1}]
+    sweep = load_sweep(write(tmp_path, "name: r\nnum_samples: 3\ntrain: {seed: 7}\n"
+                                       "parameters: {variant: {values: [dcgan, wgan]}}\n"))
+    trials = sweep.trials()
+    assert [t["repeat"] for t in trials] == [0, 0, 1, 1, 2, 2]
+    # Repeats are seed replicates: each gets its own seed (train.seed + repeat), never a copy of repeat 0.
+    seeds = [(t["variant"], sweep.trial_config(t).train.seed) for t in trials]
+    assert seeds == [("dcgan", 7), ("wgan", 7), ("dcgan", 8), ("wgan", 8), ("dcgan", 9), ("wgan", 9)]
+    assert len({json.dumps(t, sort_keys=True) for t in trials}) == len(trials)
+    assert sweep.scheduler.unit is None  # fifo
+    asha = load_sweep(write(tmp_path, "name: r\nnum_samples: 2\ntrain: {kimg: 40}\nscheduler: {type: asha}\n",
+                            "asha.yaml"))
+    assert asha.scheduler.unit == "config"  # repeats are seeds: cull configurations, not seeds
 
 
 def test_list_values_and_yaml_exponents_come_back_typed(tmp_path: Path):
@@ -285,6 +295,15 @@ MALFORMED = [
     ("wrong-goal", "name: x\nmetric: {name: fid, goal: maximize}\n", "metric.goal", "'maximize'"),
     ("fractional-gpus-above-one", "name: x\nresources: {gpu: 1.5}\n", "resources.gpu", "1.5"),
     ("two-gpus-for-a-one-gpu-trial", "name: x\nresources: {gpu: 2}\n", "resources.gpu", "one GPU"),
+    ("kimg-swept", "name: x\nparameters: {kimg: {values: [100, 200]}}\n", "parameters.kimg", "one budget"),
+    ("repeats-with-swept-seeds", "name: x\nnum_samples: 2\nparameters: {seed: {values: [0, 1]}}\n",
+     "num_samples", "list more seeds"),
+    ("compile-with-wgan", "name: x\ntrain: {compile: true}\nparameters: {variant: {values: [dcgan, wgan]}}\n",
+     "train.compile", "double backward"),
+    ("swept-compile-with-wgan", "name: x\nmodel: {variant: wgan}\nparameters: {compile: {values: [false, true]}}\n",
+     "parameters.compile", "double backward"),
+    ("unit-with-fifo", "name: x\nscheduler: {type: fifo, unit: config}\n", "scheduler.unit", "asha"),
+    ("unknown-unit", "name: x\nscheduler: {type: asha, unit: seed}\n", "scheduler.unit", "'seed'"),
 ]
 
 
@@ -313,3 +332,33 @@ def test_missing_file_and_missing_data_directory(tmp_path: Path):
     with pytest.raises(SweepError) as caught:
         load_sweep(write(tmp_path, "name: x\n"), data_override=str(missing))
     assert caught.value.key == "data.path" and "data override" in caught.value.message
+
+
+def test_asha_unit_defaults_to_config_when_seeds_are_swept_and_warns_when_forced_to_trial(tmp_path: Path):
+    base = "name: u\ntrain: {kimg: 40}\nparameters: {variant: {values: [dcgan, wgan]}%s}\nscheduler: {type: asha%s}\n"
+    seeded = load_sweep(write(tmp_path, base % (", seed: {values: [0, 1]}", ""), "a.yaml"))
+    assert seeded.scheduler.unit == "config" and seeded.warnings() == []
+    single = load_sweep(write(tmp_path, base % ("", ""), "b.yaml"))
+    assert single.scheduler.unit == "trial" and single.warnings() == []
+    forced = load_sweep(write(tmp_path, base % (", seed: {values: [0, 1]}", ", unit: trial"), "c.yaml"))
+    assert forced.scheduler.unit == "trial"
+    assert len(forced.warnings()) == 1 and "may stop some seeds of a configuration" in forced.warnings()[0]
+
+
+def test_compile_is_allowed_where_a_condition_keeps_it_away_from_wgan(tmp_path: Path):
+    text = ("name: c\nparameters:\n  variant: {values: [dcgan, wgan]}\n"
+            "  compile: {values: [true], when: {variant: [dcgan]}}\n")
+    sweep = load_sweep(write(tmp_path, text))
+    assert [(t["variant"], t.get("compile")) for t in sweep.trials()] == [("dcgan", True), ("wgan", None)]
+
+
+def test_learning_rates_default_to_each_variants_own_paper(tmp_path: Path):
+    from gan.config import optimiser_settings
+
+    sweep = load_sweep(write(tmp_path, "name: lr\nparameters: {variant: {values: [dcgan, wgan, vae-gan]}}\n"))
+    settings = {t["variant"]: optimiser_settings(t["variant"], sweep.trial_config(t).train) for t in sweep.trials()}
+    assert settings["wgan"] == {"lr_d": 1e-4, "lr_g": 1e-4, "beta1": 0.0, "beta2": 0.9, "d_steps": 5}  # WGAN-GP
+    assert settings["dcgan"] == settings["vae-gan"] == {"lr_d": 4e-4, "lr_g": 1e-4, "beta1": 0.5, "beta2": 0.999,
+                                                        "d_steps": 1}
+    fixed = load_sweep(write(tmp_path, "name: lr\ntrain: {lr_d: 2.0e-4}\nmodel: {variant: wgan}\n", "f.yaml"))
+    assert optimiser_settings("wgan", fixed.trial_config({}).train)["lr_d"] == 2e-4  # the file wins

@@ -76,3 +76,47 @@ def test_non_finite_loss_ends_trial_as_diverged(tmp_path):
     # It diverges in its first steps, before the first evaluation: nothing at all is reported.
     assert reports == [] and result.metrics == {} and result.best_fid is None
     assert not (tmp_path / "stats.jsonl").exists()
+
+
+def test_wgan_losses_are_means_per_step_and_g_steps_count_generator_updates(tmp_path, monkeypatch):
+    """loss_d is the mean over every critic step since the last report (not their sum), loss_g the mean
+    over G steps; g_steps counts G updates (5 critic steps each for wgan)."""
+    from gan import losses
+
+    calls = {"d": [], "g": []}
+    real_d, real_g = losses.wgan_d_loss, losses.wgan_g_loss
+
+    def spy_d(*args, **kwargs):
+        out = real_d(*args, **kwargs)
+        calls["d"].append(float(out["loss_d"]))
+        return out
+
+    def spy_g(*args, **kwargs):
+        out = real_g(*args, **kwargs)
+        calls["g"].append(float(out["loss_g"]))
+        return out
+
+    monkeypatch.setattr(losses, "wgan_d_loss", spy_d)
+    monkeypatch.setattr(losses, "wgan_g_loss", spy_g)
+    cfg = tiny_config("wgan", kimg=0.2)
+    reports = []
+    training_loop(cfg, tmp_path, lambda m, c: reports.append(m))
+    (metrics,) = reports
+    # 0.2 kimg at batch 20 = 10 real batches = 2 G steps of 5 critic steps each
+    assert len(calls["d"]) == 10 and len(calls["g"]) == 2 and metrics["g_steps"] == 2
+    assert metrics["loss_d"] == pytest.approx(sum(calls["d"]) / 10, rel=1e-5)
+    assert metrics["loss_g"] == pytest.approx(sum(calls["g"]) / 2, rel=1e-5)
+
+
+def test_each_variant_trains_with_its_own_papers_optimiser(tmp_path, monkeypatch):
+    seen = []
+    real_adam = torch.optim.Adam
+
+    def spy(params, lr, betas, **kwargs):
+        seen.append((lr, betas))
+        return real_adam(params, lr=lr, betas=betas, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    for variant in ("wgan", "dcgan"):
+        training_loop(tiny_config(variant, kimg=0.2), tmp_path / variant)
+    assert seen == [(1e-4, (0.0, 0.9)), (1e-4, (0.0, 0.9)), (4e-4, (0.5, 0.999)), (1e-4, (0.5, 0.999))]
