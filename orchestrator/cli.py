@@ -5,7 +5,6 @@ project's own errors into one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
-import json
 import sys
 from enum import Enum
 from pathlib import Path

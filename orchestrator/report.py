@@ -29,7 +29,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from gan.config import TINY_CONV
 from orchestrator.board_format import Section, sections
 from orchestrator.leaderboard import Board, LeaderboardError, build_board, load_trials, parameter_names
-from orchestrator.results import EVALUATIONS_FILE, TRIALS_FILE
+from orchestrator.results import EVALUATIONS_FILE
 
 REPORT_FILE = "report.html"
 SWEEP_FILE = "sweep.yaml"
@@ -102,6 +102,9 @@ def write_report(sweep_dir: Path, out: Path | None = None, *, group_by: list[str
     evaluations_file = sweep_dir / EVALUATIONS_FILE
     evaluations = pq.read_table(evaluations_file).to_pandas(integer_object_nulls=True) if evaluations_file.exists() else pd.DataFrame()
     by = group_by if group_by is not None else default_group_by(ranked_df)
+    if baseline is not None and not by:
+        raise LeaderboardError("--baseline needs a grouping: pass --group-by (this sweep varies neither variant "
+                               "nor g_widths, the default groupings)")
     # The same tables as `orchestrator leaderboard` (final FID by default, never pooled across blocks).
     groups = build_board(sweep_dir, group_by=by, at_kimg=at_kimg, baseline=baseline) if by else None
     trials_board = build_board(sweep_dir, at_kimg=at_kimg)

@@ -230,6 +230,7 @@ class ResultsCallback(tune.Callback):
         }
         self.writer.add_evaluation(row)
         self._summarise(trial)
+        self._reconcile()
         self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -246,6 +247,7 @@ class ResultsCallback(tune.Callback):
             reached = self.writer.trials[trial.trial_id].get("kimg") or 0.0
             status = "completed" if reached >= self.sweep.train.kimg - 1e-9 else "stopped_early"
         self._summarise(trial, status=status, reason=reason, ended=now(), **culled)
+        self._reconcile()
         self._refresh()
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -256,6 +258,18 @@ class ResultsCallback(tune.Callback):
     def on_experiment_end(self, trials, **info):
         if self.live is not None:
             self.live.stop()
+
+    def _reconcile(self) -> None:
+        """A seed that finished its budget before its configuration was culled (ConfigASHA lets seeds that are
+        ahead keep training) ends like its siblings: stopped_early at the rung where the configuration was."""
+        if not hasattr(self.scheduler, "stop_info"):
+            return
+        for trial_id, row in list(self.writer.trials.items()):
+            if row.get("status") == "completed" and row.get("stopped_at_kimg") is None:
+                stop = self.scheduler.stop_info(trial_id)
+                if stop is not None:
+                    self.writer.update_trial(trial_id, status="stopped_early", stopped_at_kimg=float(stop[0]),
+                                             stopped_metric=float(stop[1]))
 
     def _summarise(self, trial, **fields) -> None:
         evals = self.writer.trial_evaluations(trial.trial_id)

@@ -122,8 +122,11 @@ class ConfigASHA(FIFOScheduler):
     At each rung, a configuration is judged once every one of its seeds has reported an evaluation
     there (or ended): it continues if its mean is within the best 1/reduction_factor of the
     configuration means recorded at that rung so far (Ray ASHA's percentile rule), else all its
-    trials stop. A seed that is ahead keeps training to the next rung; if the earlier decision is
-    still open there, it is paused (freeing its slot for a sibling) until the decision is made.
+    trials stop. A seed that is ahead of an open decision keeps training (it never holds a slot
+    idle, and Tune's max_concurrent counts paused trials as live, so pausing could starve its own
+    siblings); when its configuration is stopped it stops at its next report, and if it had already
+    finished, `stop_info` still names the rung, so the results record it as stopped with its siblings.
+    Pending seeds of a configuration with an open decision are started first.
     """
 
     def __init__(self, state_file: str, *, time_attr: str, max_t: float, grace_period: float,
@@ -210,9 +213,7 @@ class ConfigASHA(FIFOScheduler):
         if t >= self.max_t:
             self.finished.add(tid)
         action = self._decide(tune_controller, config, current=tid)
-        if action == TrialScheduler.CONTINUE and self._waiting(tid):
-            action = TrialScheduler.PAUSE
-        elif action == TrialScheduler.CONTINUE and tid in self.finished:
+        if action == TrialScheduler.CONTINUE and tid in self.finished:
             action = TrialScheduler.STOP  # the budget is spent, as Tune's ASHA does at max_t
         self._save()
         return action
@@ -227,11 +228,12 @@ class ConfigASHA(FIFOScheduler):
         self._end(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
-        """Pending trials first (in sweep order, so the seeds of a configuration run close together),
-        then paused ones whose configuration has decided; never a trial still waiting for its siblings."""
-        for wanted in (Trial.PENDING, Trial.PAUSED):
-            for trial in tune_controller.get_trials():
-                if trial.status == wanted and not self._waiting(trial.trial_id):
+        """Pending trials in sweep order (the seeds of a configuration sit together), those not ahead of an
+        open decision first, so a configuration's laggards start before its leaders resume after a restore."""
+        trials = tune_controller.get_trials()
+        for wanted, ahead in ((Trial.PENDING, False), (Trial.PENDING, True), (Trial.PAUSED, False), (Trial.PAUSED, True)):
+            for trial in trials:
+                if trial.status == wanted and self._waiting(trial.trial_id) == ahead:
                     return trial
         return None
 

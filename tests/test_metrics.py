@@ -1,3 +1,4 @@
+import hashlib
 import socket
 import time
 
@@ -292,8 +293,6 @@ def test_statistics_of_other_extractor_weights_are_not_reused(tmp_path, monkeypa
 
 
 def test_inception_weights_file_is_hashed_once_and_rehashed_when_replaced(tmp_path, monkeypatch):
-    import hashlib
-
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"first weights" * 1000)
     opened: list[str] = []

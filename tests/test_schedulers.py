@@ -110,19 +110,21 @@ def test_the_rule_is_rays_percentile_rule_on_means(tmp_path):
         means_so_far.append(signed)
 
 
-def test_a_seed_ahead_of_an_open_decision_pauses_and_frees_its_slot(tmp_path):
-    """max_concurrent smaller than the seeds: the first seed trains to the next rung, then waits paused."""
+def test_a_seed_ahead_of_an_open_decision_keeps_training_and_stops_with_its_configuration(tmp_path):
+    """max_concurrent smaller than the seeds: the first seed never waits idle (Tune counts a paused trial
+    as live, so pausing it could keep its own siblings from starting); it stops when its config does."""
     s = config_asha(tmp_path, max_t=8.0)  # rungs 1, 2, 4
     c = FakeController(s)
+    a0, a1 = c.add("a0", variant="a", seed=0), c.add("a1", variant="a", seed=1)
     x0, x1 = c.add("x0", variant="x", seed=0), c.add("x1", variant="x", seed=1)
-    assert c.report(x0, 1.0, 20.0) == CONTINUE
-    assert c.report(x0, 2.0, 18.0) == PAUSE  # rung 1 still open: wait without holding a slot
-    assert s.choose_trial_to_run(c) is x1  # the sibling runs next, not the waiting trial
-    assert c.report(x1, 1.0, 22.0) == CONTINUE  # rung 1 decided (continue)
-    assert s.choose_trial_to_run(c) is x0 or x1.status == Trial.RUNNING
-    assert c.report(x1, 2.0, 19.0) == CONTINUE  # rung 2 decided too
-    assert not s._waiting("x0")
-    assert s.choose_trial_to_run(c) is x0
+    c.report(a0, 1.0, 10.0), c.report(a1, 1.0, 10.0)
+    assert c.report(x0, 1.0, 40.0) == CONTINUE
+    assert c.report(x0, 2.0, 39.0) == CONTINUE  # rung 1 still open: keeps training
+    assert s._waiting("x0") and s.choose_trial_to_run(c) is x1  # its laggard sibling starts first
+    assert c.report(x0, 8.0, 35.0) == STOP  # its budget is spent: it finishes before the decision
+    assert s.stop_info("x0") is None
+    assert c.report(x1, 1.0, 44.0) == STOP  # x's mean 42 is cut at rung 1
+    assert s.stop_info("x0") == s.stop_info("x1") == (1.0, 42.0)  # the finished seed is recorded as stopped too
 
 
 def test_a_diverged_seed_is_not_waited_for(tmp_path):
@@ -143,12 +145,12 @@ def test_paused_and_pending_seeds_of_a_culled_configuration_are_stopped(tmp_path
     b0, b1, b2 = (c.add(f"b{k}", variant="b", seed=k) for k in range(3))
     c.report(a0, 1.0, 10.0), c.report(a1, 1.0, 10.0)
     assert c.report(b0, 1.0, 50.0) == CONTINUE
-    assert c.report(b0, 2.0, 49.0) == PAUSE
+    b0.status = Trial.PAUSED  # paused by Tune (e.g. a resource change): not by this scheduler
     assert c.report(b1, 1.0, 50.0) == CONTINUE
-    # b2 never started; b's decision waits for it (pending siblings run first)
-    assert s.choose_trial_to_run(c) is b2
+    assert s.choose_trial_to_run(c) is b2  # b's decision waits for b2: pending siblings run first
+    c2 = c.add("c2", variant="c", seed=0)
     assert c.report(b2, 1.0, 50.0) == STOP
-    assert b0.status == Trial.TERMINATED  # the paused seed was stopped with the configuration
+    assert b0.status == Trial.TERMINATED and c2.status == Trial.PENDING  # b's paused seed stopped with it
     assert c.report(b1, 1.5, 48.0) == STOP
 
 
