@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from gan.config import TINY_CONV
-from orchestrator.board_format import Section, sections
+from orchestrator.board_format import Section, fmt, sections
 from orchestrator.leaderboard import Board, LeaderboardError, build_board, load_trials, parameter_names
 from orchestrator.results import EVALUATIONS_FILE
 
@@ -260,32 +259,16 @@ def row_html(cells: list[str], first: bool) -> str:
     return f'<tr{" class=first" if first else ""}>{"".join(cells)}</tr>'
 
 
-def cell(value: Any) -> str:
-    """A parameter cell; floats (learning rates) with 4 significant digits."""
-    text = "-" if value is None else format(value, ".4g") if isinstance(value, float) else value
-    return f"<td>{esc(text)}</td>"
 
 
-def num(text: Any) -> str:
-    return f'<td class="num">{esc(text)}</td>'
 
 
-def fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:.2f}"
-    return str(value)
 
 
 def kimg_text(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
-def mean_ci_text(mean: float | None, ci: float | None) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.2f} ± {ci:.2f}" if ci is not None else f"{mean:.2f} (n=1)"
 
 
 # ---- FID curves ---------------------------------------------------------------------------------

@@ -46,12 +46,34 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+class _SavedState:
+    """Scheduler state kept in `state_file`: read back once by the copy Tune unpickles on --resume."""
+
+    state_file: str
+    _loaded: bool
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_loaded"] = False  # a restored copy re-reads the file
+        if "_trials" in state:
+            state["_trials"] = {}  # Tune's Trial objects: on_trial_add hands them over again
+        return state
+
+    def _read_saved(self) -> dict | None:
+        """The saved state, the first time only (None when there is none or it was read)."""
+        if self._loaded:
+            return None
+        self._loaded = True
+        path = Path(self.state_file)
+        return json.loads(path.read_text()) if path.exists() else None
+
+
 def _failed(result: dict) -> bool:
     """A report of a trial that diverged or errored: it ends, and its value judges nothing."""
     return bool(result.get("diverged") or result.get("error"))
 
 
-class TrialASHA(ASHAScheduler):
+class TrialASHA(_SavedState, ASHAScheduler):
     """Tune's ASHA (one bracket) with its rungs and stop decisions saved to the sweep directory."""
 
     def __init__(self, state_file: str, **kwargs):
@@ -60,19 +82,10 @@ class TrialASHA(ASHAScheduler):
         self.stopped: dict[str, tuple[float, float]] = {}  # trial_id -> (rung kimg, its metric there)
         self._loaded = False
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_loaded"] = False  # a restored copy re-reads the file
-        return state
-
     def _load(self) -> None:
-        if self._loaded:
+        saved = self._read_saved()
+        if saved is None:
             return
-        self._loaded = True
-        path = Path(self.state_file)
-        if not path.exists():
-            return
-        saved = json.loads(path.read_text())
         rungs = {round(m, 9): recorded for m, recorded in saved["rungs"]}
         for milestone, recorded in self._brackets[0]._rungs:
             recorded.update(rungs.get(round(milestone, 9), {}))
@@ -116,7 +129,7 @@ class TrialASHA(ASHAScheduler):
         return self.stopped.get(trial_id)
 
 
-class ConfigASHA(FIFOScheduler):
+class ConfigASHA(_SavedState, FIFOScheduler):
     """Successive halving over configurations, judged on the mean over their seeds.
 
     At each rung, a configuration is judged once every one of its seeds has reported an evaluation
@@ -154,21 +167,11 @@ class ConfigASHA(FIFOScheduler):
         self.ended: set[str] = set()
         self.finished: set[str] = set()  # trials that reported their last evaluation (max_t)
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_trials"] = {}
-        state["_loaded"] = False
-        return state
-
     # --- persistence ---------------------------------------------------------------------------
     def _load(self) -> None:
-        if self._loaded:
+        saved = self._read_saved()
+        if saved is None:
             return
-        self._loaded = True
-        path = Path(self.state_file)
-        if not path.exists():
-            return
-        saved = json.loads(path.read_text())
         self.records.update(saved["records"])
         self.means.update(saved["means"])
         self.decided = saved["decided"]

@@ -224,7 +224,7 @@ def test_ray_up_of_the_onprem_config_then_a_sweep_on_its_head_then_ray_down(tmp_
         # The project ran from the copy `ray up` installed, not from this checkout.
         installed = (work / "gan-sweeps").resolve()
         imported = subprocess.run([str(work / "env" / "bin" / "python"), "-c", "import orchestrator; print(orchestrator.__file__)"],
-                                  capture_output=True, text=True, timeout=120)
+                                  cwd=work, capture_output=True, text=True, timeout=120)  # cwd: not a checkout
         assert Path(imported.stdout.strip()).is_relative_to(installed), imported.stdout + imported.stderr
 
         # `ray down` runs a bare `ray stop` on the head: with a `ray` on the login PATH it would stop
