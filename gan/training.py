@@ -120,6 +120,7 @@ def training_loop(
         weights_path=ec.weights_path,
         device=device,
         kid=ec.kid,
+        cache_dir=cfg.data.cache_dir,  # the FID statistics live beside the data cache the sweep chose
     )
 
     models = build_models(mc)

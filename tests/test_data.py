@@ -312,5 +312,5 @@ def test_full_real_dataset(tmp_path: Path) -> None:
     assert cold.stats["images_kept"] == 15_851
     assert cold.images.shape == (15_851, 3, 64, 64)
     warm = _prepare(REAL_DATA, tmp_path / "cache")
-    assert warm.cache_hit and warm.prepare_seconds < 2.0
+    assert warm.cache_hit  # its time is a benchmark figure (bench/bench_ray.py), not a test
     assert np.array_equal(warm.images, cold.images)

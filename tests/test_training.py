@@ -120,3 +120,12 @@ def test_each_variant_trains_with_its_own_papers_optimiser(tmp_path, monkeypatch
     for variant in ("wgan", "dcgan"):
         training_loop(tiny_config(variant, kimg=0.2), tmp_path / variant)
     assert seen == [(1e-4, (0.0, 0.9)), (1e-4, (0.0, 0.9)), (4e-4, (0.5, 0.999)), (1e-4, (0.5, 0.999))]
+
+
+def test_fid_statistics_are_cached_under_data_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAN_CACHE_DIR", str(tmp_path / "env-cache"))
+    cfg = tiny_config("dcgan", kimg=0.2)
+    cfg.data.cache_dir = str(tmp_path / "sweep-cache")
+    training_loop(cfg, tmp_path / "run")
+    assert list((tmp_path / "sweep-cache" / "fid-stats").glob("*.npz"))
+    assert not (tmp_path / "env-cache" / "fid-stats").exists()
