@@ -305,13 +305,15 @@ def measure_training_loop(
 
 
 def backend_flags() -> tuple[bool, bool, bool]:
-    return (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    # fp32_precision API only: torch refuses to read the legacy allow_tf32 flags once it has been used.
+    return (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.fp32_precision == "tf32",
+            torch.backends.cudnn.conv.fp32_precision == "tf32")
 
 
 def set_backend_flags(benchmark: bool, matmul_tf32: bool, cudnn_tf32: bool) -> None:
     torch.backends.cudnn.benchmark = benchmark
-    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if matmul_tf32 else "ieee"
+    torch.backends.cudnn.conv.fp32_precision = "tf32" if cudnn_tf32 else "ieee"
 
 
 def synchronize(device: torch.device) -> None:

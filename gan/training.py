@@ -6,7 +6,6 @@ checkpoint, and the loop resumes bit-for-bit from such a checkpoint.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -105,8 +104,10 @@ def training_loop(
     torch.manual_seed(tc.seed)
     if cuda:
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # torch's fp32_precision API only: mixing it with the legacy allow_tf32 flags is an error in torch
+        # >= 2.10, and gan.metrics switches TF32 off around the feature extractor with the same API.
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
     memory_format = torch.channels_last if (cuda and tc.channels_last) else torch.contiguous_format
     amp = cuda and tc.amp
 
@@ -229,8 +230,7 @@ def training_loop(
                 return to_uint8(G(z).float())
 
         n_samples = ec.final_fid_samples if final else ec.fid_samples
-        with _exact_float32():  # FID comparable across machines: no TF32 in the extractor
-            scores = evaluator.evaluate(sample, n_samples, kid=ec.kid)
+        scores = evaluator.evaluate(sample, n_samples, kid=ec.kid)  # extraction itself runs without TF32
         metrics: dict[str, Any] = {
             "kimg": kimg,
             **scores,
@@ -264,14 +264,6 @@ def training_loop(
     return TrainResult("completed", state["images_shown"] / 1000, state["last_metrics"], state["best_fid"])
 
 
-@contextlib.contextmanager
-def _exact_float32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _diverged(state: dict[str, Any], reason: str) -> TrainResult:

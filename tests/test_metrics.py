@@ -267,13 +267,13 @@ def test_features_are_extracted_without_tf32_and_the_callers_setting_comes_back(
     monkeypatch.setattr(TinyConvExtractor, "forward", spy)
     saved = tf32_state()
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as training_loop does
+        # as training_loop does on CUDA
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
         on = tf32_state()
         ev = evaluator(tmp_path, dark_noise(40, seed=0), batch_size=16)  # real statistics: 3 batches
         assert tf32_state() == on
         ev.evaluate(sampler(dark_noise(20, seed=1)), 20)  # samples: 2 batches
         assert tf32_state() == on
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
     assert on == ("tf32", "tf32")

@@ -88,12 +88,12 @@ def test_wgan_losses_are_means_per_step_and_g_steps_count_generator_updates(tmp_
 
     def spy_d(*args, **kwargs):
         out = real_d(*args, **kwargs)
-        calls["d"].append(float(out["loss_d"]))
+        calls["d"].append(float(out["loss_d"].detach()))
         return out
 
     def spy_g(*args, **kwargs):
         out = real_g(*args, **kwargs)
-        calls["g"].append(float(out["loss_g"]))
+        calls["g"].append(float(out["loss_g"].detach()))
         return out
 
     monkeypatch.setattr(losses, "wgan_d_loss", spy_d)
