@@ -103,12 +103,12 @@ class TrialASHA(_SavedState, ASHAScheduler):
         self._load()
         if trial.trial_id in self.stopped:  # decided before a crash: the same decision again
             return TrialScheduler.STOP
-        before = {m: set(r) for m, r in self._brackets[0]._rungs}
+        before = {m: trial.trial_id in r for m, r in self._brackets[0]._rungs}
         action = super().on_trial_result(tune_controller, trial, result)
-        new = [m for m, r in self._brackets[0]._rungs if trial.trial_id in r and trial.trial_id not in before[m]]
-        if action == TrialScheduler.STOP and new and self._time_attr in result:
-            rung = new[0]
-            value = self._brackets[0]._rungs[[m for m, _ in self._brackets[0]._rungs].index(rung)][1][trial.trial_id]
+        # The rung this result was recorded at, if any, and the (signed) value recorded there.
+        new = [(m, r[trial.trial_id]) for m, r in self._brackets[0]._rungs if trial.trial_id in r and not before[m]]
+        if action == TrialScheduler.STOP and new:
+            rung, value = new[0]
             self.stopped[trial.trial_id] = (rung, self._metric_op * value)
         if new or action == TrialScheduler.STOP:
             self._save()

@@ -83,6 +83,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True)
 
 
+def run_sweep_text(tmp_path: Path, name: str, text: str) -> list[dict]:
+    """Write a sweep file, run it to the end into tmp_path/r, and return its trials table."""
+    (tmp_path / f"{name}.yaml").write_text(text)
+    proc = subprocess.run([*CLI, "sweep", str(tmp_path / f"{name}.yaml"), "--results", str(tmp_path / "r")],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return pq.read_table(tmp_path / "r" / name / "trials.parquet").to_pylist()
+
+
 @pytest.mark.slow
 def test_leaderboard_ranks_final_fids_of_completed_trials_only(smoke):
     results, _ = smoke
@@ -138,11 +147,7 @@ scheduler: {type: fifo}
 def test_baseline_difference_is_scipys_paired_t_test_over_the_seeds(tmp_path):
     from scipy import stats
 
-    (tmp_path / "pairs.yaml").write_text(FIFO_SEEDS_SWEEP)
-    proc = subprocess.run([*CLI, "sweep", str(tmp_path / "pairs.yaml"), "--results", str(tmp_path / "r")],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = pq.read_table(tmp_path / "r" / "pairs" / "trials.parquet").to_pylist()
+    trials = run_sweep_text(tmp_path, "pairs", FIFO_SEEDS_SWEEP)
     assert sorted(t["seed"] for t in trials) == [0, 0, 1, 1, 2, 2]
     assert all(t["status"] == "completed" for t in trials)
     final = {(t["variant"], t["seed"]): t["final_fid"] for t in trials}
@@ -235,11 +240,7 @@ def test_sweep_pickles_for_optunas_searcher_state():
 
 @pytest.mark.slow
 def test_optuna_sweep_with_asha_runs_and_records_its_proposals(tmp_path):
-    (tmp_path / "opt.yaml").write_text(OPTUNA_SWEEP)
-    proc = subprocess.run([*CLI, "sweep", str(tmp_path / "opt.yaml"), "--results", str(tmp_path / "r")],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = pq.read_table(tmp_path / "r" / "opt" / "trials.parquet").to_pylist()
+    trials = run_sweep_text(tmp_path, "opt", OPTUNA_SWEEP)
     assert len(trials) == 3
     for t in trials:
         assert t["status"] in ("completed", "stopped_early")
