@@ -61,10 +61,14 @@ class TrainConfig:
     kl_weight: float = 1.0  # VAE-GAN prior (KL) weight in the encoder loss
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # GPU speed switches (ignored on CPU): bf16 autocast, channels_last, torch.compile
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
+    # GPU speed switches (ignored on CPU). Off by default: on one H100 (bench/README.md, "Earlier GPU figures",
+    # dcgan 512) fp32 with TF32 trained faster than bf16 autocast (8,854 vs 7,369 img/s); channels_last was slower.
+    amp: bool = False  # bf16 autocast
+    channels_last: bool = False
+    compile: bool = False  # torch.compile G and D (its own CUDA graphs: cuda_graph is then off)
+    # One CUDA graph per iteration (BCE variants on CUDA; gan.step): auto | on | off. auto = off until a GPU
+    # run of `bench/bench_train.py --check-graph` has shown graph and eager training agree.
+    cuda_graph: str = "auto"
 
 
 @dataclass

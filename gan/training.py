@@ -15,15 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torchvision.utils
 
-from gan import losses
 from gan.config import TrialConfig, optimiser_settings
-from gan.data import PreparedDataset, prepare_dataset, to_float
+from gan.data import PreparedDataset, prepare_dataset
 from gan.metrics import Evaluator, to_uint8
 from gan.models import build_models
+from gan.step import DeviceBatches, TrainStep, graph_mode  # noqa: F401  (DeviceBatches: re-exported)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 GRID_NOISE_SEED = 20_240_601  # the same grid noise for every trial, so grids compare like for like
@@ -50,34 +49,50 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class DeviceBatches:
-    """Epochs of the uint8 training split held on the device, batched by indexing:
-    no DataLoader, no decode, one device copy for the whole run."""
+def set_training_backends(device: torch.device) -> None:
+    """On CUDA: cudnn autotuning and TF32 for training's matmuls and convolutions (process-wide)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    # torch's fp32_precision API only: mixing it with the legacy allow_tf32 flags is an error in torch
+    # >= 2.10, and gan.metrics switches TF32 off around the feature extractor with the same API.
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
 
-    def __init__(self, images: np.ndarray, batch_size: int, device: torch.device, seed: int):
-        if len(images) < batch_size:
-            raise ValueError(f"training split has {len(images)} images, fewer than batch_size={batch_size}")
-        self.images = torch.from_numpy(images).to(device)
-        self.batch_size = batch_size
-        self.rng = torch.Generator().manual_seed(seed)
-        self.perm = torch.randperm(len(images), generator=self.rng)
-        self.pos = 0
 
-    def next(self, memory_format: torch.memory_format) -> torch.Tensor:
-        if self.pos + self.batch_size > len(self.perm):  # drop the ragged tail, reshuffle
-            self.perm = torch.randperm(len(self.perm), generator=self.rng)
-            self.pos = 0
-        idx = self.perm[self.pos : self.pos + self.batch_size].to(self.images.device, non_blocking=True)
-        self.pos += self.batch_size
-        return to_float(self.images.index_select(0, idx)).contiguous(memory_format=memory_format)
+@dataclass
+class Trainer:
+    models: dict[str, torch.nn.Module]  # G, D (and E): the originals, whose state is saved
+    opt_d: torch.optim.Optimizer
+    opt_g: torch.optim.Optimizer
+    step: TrainStep  # one iteration; trains through torch.compile'd wrappers when train.compile is on
 
-    def state(self) -> dict[str, Any]:
-        return {"rng": self.rng.get_state(), "perm": self.perm, "pos": self.pos}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.rng.set_state(state["rng"])
-        self.perm = state["perm"]
-        self.pos = int(state["pos"])
+def build_trainer(cfg: TrialConfig, device: torch.device, batches: DeviceBatches) -> Trainer:
+    """A trial's models, optimisers and iteration, as the loop trains them (also timed by gan.cost)."""
+    tc, mc = cfg.train, cfg.model
+    opt = optimiser_settings(mc.variant, tc)
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if (cuda and tc.channels_last) else torch.contiguous_format
+    models = build_models(mc)
+    for m in models.values():
+        m.to(device=device, memory_format=memory_format)
+        m.train()  # once: evaluation switches G to eval() and back
+    G, D, E = models["G"], models["D"], models.get("E")
+    step_graph = graph_mode(tc.cuda_graph) if not (tc.compile and cuda) else "off"  # compile: its own graphs
+    # Fused Adam: one kernel per step instead of one per parameter. capturable keeps its step count on the
+    # device, so a CUDA graph can replay the update.
+    adam = dict(betas=(opt["beta1"], opt["beta2"]), fused=cuda, capturable=cuda and step_graph != "off")
+    opt_d = torch.optim.Adam(D.parameters(), lr=opt["lr_d"], **adam)
+    g_params = list(G.parameters()) + (list(E.parameters()) if E is not None else [])
+    opt_g = torch.optim.Adam(g_params, lr=opt["lr_g"], **adam)
+    compiled = {k: torch.compile(m) for k, m in models.items()} if (tc.compile and cuda) else None
+    step = TrainStep(
+        variant=mc.variant, models=models, opt_d=opt_d, opt_g=opt_g, batches=batches, nz=mc.nz,
+        d_steps=opt["d_steps"], gp_weight=tc.gp_weight, recon_weight=tc.recon_weight, kl_weight=tc.kl_weight,
+        amp=cuda and tc.amp, memory_format=memory_format, cuda_graph=step_graph, compiled=compiled,
+    )
+    return Trainer(models, opt_d, opt_g, step)
 
 
 def training_loop(
@@ -96,20 +111,13 @@ def training_loop(
     (run_dir / "grids").mkdir(parents=True, exist_ok=True)
     (run_dir / "options.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tc, ec, mc = cfg.train, cfg.eval, cfg.model
-    opt = optimiser_settings(mc.variant, tc)
-    beta1, beta2, d_steps = opt["beta1"], opt["beta2"], opt["d_steps"]
+    d_steps = optimiser_settings(mc.variant, tc)["d_steps"]
 
     device = pick_device(tc.device)
     cuda = device.type == "cuda"
     torch.manual_seed(tc.seed)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        # torch's fp32_precision API only: mixing it with the legacy allow_tf32 flags is an error in torch
-        # >= 2.10, and gan.metrics switches TF32 off around the feature extractor with the same API.
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    memory_format = torch.channels_last if (cuda and tc.channels_last) else torch.contiguous_format
-    amp = cuda and tc.amp
+    set_training_backends(device)
+    amp = cuda and tc.amp  # bf16 autocast of the evaluation's sampling too
 
     dataset = dataset if dataset is not None else prepare_dataset(cfg.data)
     batches = DeviceBatches(dataset.split("train"), tc.batch_size, device, seed=tc.seed)
@@ -124,92 +132,39 @@ def training_loop(
         cache_dir=cfg.data.cache_dir,  # the FID statistics live beside the data cache the sweep chose
     )
 
-    models = build_models(mc)
-    for m in models.values():
-        m.to(device=device, memory_format=memory_format)
-    G, D, E = models["G"], models["D"], models.get("E")
-    fused = cuda  # fused Adam: one kernel per step instead of one per parameter
-    opt_d = torch.optim.Adam(D.parameters(), lr=opt["lr_d"], betas=(beta1, beta2), fused=fused)
-    g_params = list(G.parameters()) + (list(E.parameters()) if E is not None else [])
-    opt_g = torch.optim.Adam(g_params, lr=opt["lr_g"], betas=(beta1, beta2), fused=fused)
-    # Training runs through (optionally) compiled wrappers; state is saved from the originals.
-    Gc, Dc, Ec = (torch.compile(m) if (tc.compile and cuda and m is not None) else m for m in (G, D, E))
+    trainer = build_trainer(cfg, device, batches)
+    models, opt_d, opt_g, train_step = trainer.models, trainer.opt_d, trainer.opt_g, trainer.step
+    G = models["G"]
 
     grid_z = torch.randn(ec.grid_size**2, mc.nz, generator=torch.Generator().manual_seed(GRID_NOISE_SEED)).to(device)
     state = {"images_shown": 0, "step": 0, "wall_s": 0.0, "evals": 0, "best_fid": None, "last_metrics": {}}
     if resume_from is not None:
+        # In place, before the first iteration: a CUDA graph is captured only after warm-up iterations,
+        # so on the state it goes on from.
         _load_checkpoint(Path(resume_from), models, opt_d, opt_g, batches, state, device)
 
     budget = int(round(tc.kimg * 1000))
     every = int(round(ec.every_kimg * 1000))
     next_eval = min(budget, (state["images_shown"] // every + 1) * every)
-    # Sums of each logged loss since the last report, and how many steps added to each: D's losses
-    # are added once per critic step (d_steps per G step), G's once per G step; both are reported as means.
-    loss_sums: dict[str, torch.Tensor] = {}
-    loss_counts: dict[str, int] = {}
-    finite = torch.ones((), dtype=torch.bool, device=device)
+    images_per_iteration = d_steps * tc.batch_size
     t_train = time.perf_counter()
     train_seconds = 0.0
     images_since_report = 0
     t_wall0 = time.perf_counter() - state["wall_s"]
 
-    def accumulate(out: dict[str, torch.Tensor]) -> None:
-        nonlocal finite
-        for k, v in out.items():
-            v = v.detach().float()
-            finite = finite & torch.isfinite(v)
-            loss_sums[k] = loss_sums[k] + v if k in loss_sums else v.clone()
-            loss_counts[k] = loss_counts.get(k, 0) + 1
-
-    def noise(n: int) -> torch.Tensor:
-        return torch.randn(n, mc.nz, device=device)
-
     while state["images_shown"] < budget:
-        G.train(); D.train()
-        if E is not None:
-            E.train()
-        for _ in range(d_steps):
-            real = batches.next(memory_format)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                if mc.variant == "wgan":
-                    out = losses.wgan_d_loss(Gc, Dc, real, noise(len(real)), tc.gp_weight)
-                elif mc.variant == "vae-gan":
-                    out = losses.vaegan_d_loss(Ec, Gc, Dc, real, noise(len(real)))
-                else:
-                    out = losses.dcgan_d_loss(Gc, Dc, real, noise(len(real)))
-            opt_d.zero_grad(set_to_none=True)
-            out["loss_d"].backward()
-            opt_d.step()
-            accumulate(out)
-            state["images_shown"] += len(real)
-            images_since_report += len(real)
-
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            if mc.variant == "wgan":
-                out = losses.wgan_g_loss(Gc, Dc, noise(tc.batch_size))
-            elif mc.variant == "vae-gan":
-                out = losses.vaegan_eg_losses(
-                    Ec, Gc, Dc, real, noise(len(real)), tc.recon_weight, tc.kl_weight
-                )
-            else:
-                out = losses.dcgan_g_loss(Gc, Dc, noise(tc.batch_size))
-        opt_g.zero_grad(set_to_none=True)
-        if E is not None:  # each loss trains only its own network (Larsen et al. 2016)
-            out["loss_e"].backward(inputs=list(E.parameters()), retain_graph=True)
-            out["loss_g"].backward(inputs=list(G.parameters()))
-        else:
-            out["loss_g"].backward()
-        opt_g.step()
-        accumulate(out)
+        train_step()
+        state["images_shown"] += images_per_iteration
+        images_since_report += images_per_iteration
         state["step"] += 1
 
-        if state["step"] % DIVERGENCE_CHECK_STEPS == 0 and not bool(finite):
+        if state["step"] % DIVERGENCE_CHECK_STEPS == 0 and not train_step.all_finite():
             return _diverged(state, "non-finite loss")
         if state["images_shown"] < next_eval:
             continue
 
         # ---- evaluation: read losses (one host sync), FID, grid, checkpoint, report
-        if not bool(finite):
+        if not train_step.all_finite():
             return _diverged(state, "non-finite loss")
         if cuda:
             torch.cuda.synchronize()
@@ -235,10 +190,12 @@ def training_loop(
             "kimg": kimg,
             **scores,
             "g_steps": state["step"],  # generator updates: wgan makes d_steps times fewer per kimg
-            **{k: (v / loss_counts[k]).item() for k, v in loss_sums.items()},
+            **train_step.take_losses(),
             "images_per_s": images_since_report / max(train_seconds, 1e-9),
             "wall_s": time.perf_counter() - t_wall0,
             "final": final,
+            "cuda_graph": train_step.uses_graph,
+            **({"cuda_graph_note": train_step.graph_note} if train_step.graph_note else {}),
         }
         if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
             return _diverged(state, "non-finite metric")
@@ -254,8 +211,7 @@ def training_loop(
         ckpt_dir = _save_checkpoint(Path(checkpoint_dir or run_dir / "checkpoint"), cfg, models, opt_d, opt_g, batches, state)
         if report is not None:
             report(metrics, str(ckpt_dir))
-        loss_sums.clear()
-        loss_counts.clear()
+        G.train()
         images_since_report = 0
         train_seconds = 0.0
         next_eval = min(budget, next_eval + every)
@@ -302,10 +258,7 @@ def _load_checkpoint(path: Path, models, opt_d, opt_g, batches, state, device) -
         m.load_state_dict(payload["models"][name])
     opt_d.load_state_dict(payload["opt_d"])
     opt_g.load_state_dict(payload["opt_g"])
-    batches_state = payload["batches"]
-    batches_state["rng"] = batches_state["rng"].cpu()
-    batches_state["perm"] = batches_state["perm"].cpu()
-    batches.load_state(batches_state)
+    batches.load_state(payload["batches"])
     torch.set_rng_state(payload["torch_rng"].cpu())
     if payload["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng"]])

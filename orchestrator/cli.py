@@ -72,16 +72,26 @@ def sweep(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep of the same name and content."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Where Ray Tune keeps checkpoints and state: s3://..., gs://... or a path every node mounts. Default: <results>/<name>/tune."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the expanded trials; start nothing."),
+    estimate: bool = typer.Option(False, "--estimate", help="With --dry-run: time each distinct model here and print the images, device-hours (and ASHA's best case) and peak memory of the sweep."),
 ) -> None:
     """Run a sweep on Ray Tune (local by default)."""
     from orchestrator.sweep_run import SweepInterrupted, run_sweep  # Ray only once the sweep runs
 
+    if estimate and not dry_run:  # explicit: `--estimate` alone must never be mistaken for a run
+        fail("--estimate needs --dry-run: `orchestrator sweep FILE --dry-run --estimate` times the models and runs nothing")
     try:
         spec = load_sweep(file, data_override=data)
         for note in spec.warnings():
             typer.echo(f"warning: {note}", err=True)
         if dry_run:
             print_trials(spec)
+            if estimate:
+                from orchestrator.estimate import EstimateError, print_estimate  # torch: only when estimating
+
+                try:
+                    print_estimate(spec, console)
+                except EstimateError as exc:
+                    fail(str(exc))
             return
         run_sweep(spec, results, address=address, resume=resume, console=console, storage=storage)
     except user_errors() as exc:
@@ -149,6 +159,35 @@ def scheduler_line(spec) -> str:
             else "single trials")
     return (f"scheduler: asha, unit {s.unit}: culls {what}; rungs from {s.grace_period:g} kimg, "
             f"keep 1/{s.reduction_factor:g}, max_t {s.max_t:g}")
+
+
+@app.command()
+def train(
+    file: Path = typer.Argument(..., help="Sweep file (YAML)."),
+    trial: int = typer.Option(..., "--trial", help="Which trial: its # in `orchestrator sweep FILE --dry-run`."),
+    data: Optional[str] = typer.Option(None, "--data", help="Image folder; overrides the sweep's data.path."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="SECTION.KEY=VALUE (a YAML value), repeatable: override a fixed setting, e.g. train.kimg=2."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<sweep name>/trial-<N>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/checkpoint."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: the sweep's train.device)."),
+) -> None:
+    """Run one trial of a sweep in this process, without Ray."""
+    from orchestrator.train_one import TrainError, TrainInterrupted, train_one  # torch: only when training
+
+    try:
+        outcome = train_one(file, trial, data=data, sets=sets or [], out=out, resume=resume, device=device,
+                            console=console)
+    except (TrainError, *user_errors()) as exc:
+        fail(str(exc))
+    except TrainInterrupted as stop:
+        typer.echo(f"interrupted {stop}", err=True)
+        raise typer.Exit(130)
+    except KeyboardInterrupt:  # while the file and run directory were checked
+        typer.echo("interrupted: nothing ran", err=True)
+        raise typer.Exit(130)
+    typer.echo(outcome.summary())
+    if outcome.status != "completed":
+        raise typer.Exit(1)  # diverged: the trial has no final FID
 
 
 class Format(str, Enum):

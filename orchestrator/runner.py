@@ -18,17 +18,19 @@ from typing import Any
 import ray
 import torch
 from ray import tune
-from ray.tune.schedulers import FIFOScheduler
+from ray.tune.execution.placement_groups import PlacementGroupFactory
+from ray.tune.schedulers import FIFOScheduler, ResourceChangingScheduler
 
 from gan.config import INCEPTION, TrialConfig
 from gan.data import PreparedDataset
 from gan.metrics import WEIGHTS_ENV
 from gan.training import training_loop
 from orchestrator.results import ResultsWriter, parameter_value
-from orchestrator.schedulers import STATE_FILE, ConfigASHA, TrialASHA
+from orchestrator.schedulers import RETRY_KEY, STATE_FILE, ConfigASHA, TrialASHA
 from orchestrator.schema import Sweep, SweepError
 from orchestrator.storage import SharedCheck, StorageError, check_this_node
 from orchestrator.sweep_dir import SweepDir
+from orchestrator.tracking import tracking_callbacks
 
 # What the scheduler and search see for a trial that diverged before its first evaluation:
 # finite (Optuna and ASHA reject NaN) and worse than any real FID.
@@ -91,11 +93,19 @@ def train_trial(
         "data_source": dataset.source,
     }
 
+    gpu_share = trial_gpu_share(context)
+    inject_oom = os.environ.get(INJECT_OOM_ENV) == "1" and 0 < gpu_share < 1
+
+    reported = []
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if inject_oom and reported:  # tests: what a neighbour's memory does to a trial sharing its GPU
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_OOM_ENV} on a {gpu_share:g} GPU share)")
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         # Tune copies the checkpoint into its storage before report() returns; the node-local copy
         # is then replaced by the next evaluation's.
         tune.report({**metrics, **node}, checkpoint=checkpoint)
+        reported.append(metrics["kimg"])
 
     checkpoint = tune.get_checkpoint()
     # Each checkpoint is written once, to node-local disk, and copied once, by Tune, to its storage
@@ -112,8 +122,15 @@ def train_trial(
         except RuntimeError as exc:  # torch.OutOfMemoryError is one
             if not out_of_memory(exc):
                 raise
-            # Retrying the same config would run out again: end the trial as 'error' now.
-            tune.report({"kimg": 0.0, "fid": DIVERGED_BEFORE_FIRST_EVAL_FID, "error": f"out of memory: {exc}"[:500]})
+            reason = f"out of memory: {exc}"[:500]
+            if 0 < gpu_share < 1:
+                # A neighbour on the same GPU may have taken the memory: ask the scheduler (WholeGpuAfterOom) to
+                # restart this trial once on a whole GPU. Tune pauses it inside this report and restarts it
+                # from the last checkpoint it persisted (this result carries none: it is not an evaluation).
+                tune.report({"kimg": 0.0, "fid": DIVERGED_BEFORE_FIRST_EVAL_FID, RETRY_KEY: reason, **node})
+                reason = f"{reason} (and no scheduler moved the trial to a whole GPU)"
+            # On a whole GPU (or none) the same config would run out again: end the trial as 'error' now.
+            tune.report({"kimg": 0.0, "fid": DIVERGED_BEFORE_FIRST_EVAL_FID, "error": reason, **node})
             return
     if result.status == "diverged":
         last_fid = result.metrics.get("fid", DIVERGED_BEFORE_FIRST_EVAL_FID)
@@ -160,6 +177,34 @@ def shipped_inception_weights(sweep: Sweep) -> ShippedFile | None:
     return ShippedFile.read(path)
 
 
+# Tests set this to "1" (in the Ray workers' environment) to make every trial on a GPU share run out of memory
+# at its second evaluation: the out-of-memory retry is tested on machines without a GPU.
+INJECT_OOM_ENV = "GAN_SWEEPS_INJECT_SHARED_GPU_OOM"
+
+
+def trial_gpu_share(context) -> float:
+    """The GPUs Tune gave this trial: a fraction when it shares one, 1 after WholeGpuAfterOom moved it."""
+    try:
+        return float(context.get_trial_resources().required_resources.get("GPU", 0.0))
+    except Exception:  # outside Tune (or an API change): nothing to retry on
+        return 0.0
+
+
+class WholeGpuAfterOom:
+    """ResourceChangingScheduler's allocation function for sweeps with `resources.gpu` < 1: a trial whose
+    result says it ran out of memory on its GPU share (RETRY_KEY) is paused and restarted from its last
+    checkpoint with a whole GPU, once; Tune starts it when a GPU is free (for instance after the neighbour
+    ends). Out of memory again there, it ends as `error`."""
+
+    def __init__(self, cpu: float):
+        self.cpu = cpu
+
+    def __call__(self, tune_controller, trial, result, scheduler):
+        if result.get(RETRY_KEY):
+            return PlacementGroupFactory([{"CPU": self.cpu, "GPU": 1.0}])
+        return None
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """A GPU out-of-memory error, or torch's CPU allocator failing (a plain RuntimeError)."""
     return isinstance(exc, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(exc)
@@ -187,6 +232,7 @@ class ResultsCallback(tune.Callback):
         self.scheduler = scheduler  # TrialASHA / ConfigASHA: which trials it stopped, where and why
         self.writer: ResultsWriter | None = None
         self.flags: dict[str, tuple[str, str]] = {}
+        self.retried: dict[str, str] = {}  # trial -> why it was moved to a whole GPU
 
     def setup(self, **info):
         self.writer = ResultsWriter(Path(self.sweep_dir), self.sweep.name, parameter_columns(self.sweep))
@@ -219,8 +265,15 @@ class ResultsCallback(tune.Callback):
         if result.get("diverged"):
             self.flags[trial.trial_id] = ("diverged", result.get("reason", ""))
             return
+        if result.get(RETRY_KEY):  # not an evaluation: the trial restarts on a whole GPU (WholeGpuAfterOom)
+            self.retried[trial.trial_id] = result[RETRY_KEY]
+            self.writer.update_trial(trial.trial_id, reason=f"{result[RETRY_KEY]} (on a GPU share; retrying on a whole GPU)")
+            self._refresh()
+            return
         if result.get("error"):
-            self.flags[trial.trial_id] = ("error", result["error"])
+            retried = self.retried.get(trial.trial_id)
+            reason = f"{result['error']} (on a whole GPU, after: {retried})" if retried else result["error"]
+            self.flags[trial.trial_id] = ("error", reason[:1000])
             return
         row = {
             "trial_id": trial.trial_id,
@@ -246,6 +299,8 @@ class ResultsCallback(tune.Callback):
         elif status is None:
             reached = self.writer.trials[trial.trial_id].get("kimg") or 0.0
             status = "completed" if reached >= self.sweep.train.kimg - 1e-9 else "stopped_early"
+        if not reason and trial.trial_id in self.retried:  # shown, not hidden: it needed a GPU of its own
+            reason = f"finished on a whole GPU after: {self.retried[trial.trial_id]}"[:1000]
         self._summarise(trial, status=status, reason=reason, ended=now(), **culled)
         self._reconcile()
         self._refresh()
@@ -377,10 +432,13 @@ def build_tuner(
     else:
         param_space = {"params": tune.grid_search(sweep.trials())}
         num_samples = 1
+    shares_gpu = 0 < sweep.resources.gpu < 1
     tune_config = tune.TuneConfig(
         metric=metric,
         mode=mode,
-        scheduler=scheduler,
+        # On a shared GPU, an out-of-memory trial is moved to a whole GPU once (WholeGpuAfterOom).
+        scheduler=ResourceChangingScheduler(scheduler, WholeGpuAfterOom(sweep.resources.cpu)) if shares_gpu else scheduler,
+        reuse_actors=False,  # a trial's actor holds its GPU share; ResourceChangingScheduler requires it too
         search_alg=search_alg,
         num_samples=num_samples,
         max_concurrent_trials=sweep.max_concurrent,
@@ -388,7 +446,9 @@ def build_tuner(
     run_config = tune.RunConfig(
         name=experiment,
         storage_path=storage_path,
-        callbacks=[ResultsCallback(sweep, str(sweep_dir.path), live, scheduler=scheduler)],
+        # tracking: W&B / MLflow logger callbacks (none without the section)
+        callbacks=[ResultsCallback(sweep, str(sweep_dir.path), live, scheduler=scheduler),
+                   *tracking_callbacks(sweep, str(sweep_dir.path))],
         failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
         # Tune saves its experiment state (what --resume restores) after every num_to_keep-th new
         # checkpoint of a trial, otherwise at most every 10 s. With 1, that state names each trial's

@@ -26,6 +26,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from orchestrator.results import REPLICATE_KEYS
 
 STATE_FILE = "scheduler.json"
+# In a trial's result: it ran out of memory on a shared GPU and asks to restart on a whole one
+# (runner.WholeGpuAfterOom). Not a measurement: no scheduler judges it.
+RETRY_KEY = "retry_on_whole_gpu"
 
 
 def config_key(params: dict[str, Any]) -> str:
@@ -103,6 +106,8 @@ class TrialASHA(_SavedState, ASHAScheduler):
         self._load()
         if trial.trial_id in self.stopped:  # decided before a crash: the same decision again
             return TrialScheduler.STOP
+        if result.get(RETRY_KEY):
+            return TrialScheduler.CONTINUE
         before = {m: trial.trial_id in r for m, r in self._brackets[0]._rungs}
         action = super().on_trial_result(tune_controller, trial, result)
         # The rung this result was recorded at, if any, and the (signed) value recorded there.
@@ -202,7 +207,7 @@ class ConfigASHA(_SavedState, FIFOScheduler):
         self._load()
         tid = trial.trial_id
         config = self._config_of[tid]
-        if self.time_attr not in result or self._metric not in result:
+        if self.time_attr not in result or self._metric not in result or result.get(RETRY_KEY):
             return TrialScheduler.CONTINUE
         if config in self.stopped:
             return TrialScheduler.STOP

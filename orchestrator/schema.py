@@ -34,6 +34,7 @@ from gan.config import (
     TrainConfig,
     TrialConfig,
 )
+from orchestrator.tracking import SECTIONS as _TRACKING_SECTIONS, Tracking, tracking_problem
 
 METRIC_GOALS = {"fid": "minimize", "kid_mean": "minimize", "is_mean": "maximize"}
 # Their valid values depend on the channel widths, so they are listed, never sampled.
@@ -72,7 +73,8 @@ def _section(cls: type, **overrides: Any) -> type[BaseModel]:
 DataSection = _section(DataConfig)
 # image_size lives in data.image_size; model.image_size may only repeat it.
 ModelSection = _section(ModelConfig, image_size=(int | None, None))
-TrainSection = _section(TrainConfig)
+# cuda_graph: YAML reads an unquoted on/off as a boolean; both spellings are accepted.
+TrainSection = _section(TrainConfig, cuda_graph=(str | bool, "auto"))
 EvalSection = _section(EvalConfig)
 
 
@@ -143,6 +145,7 @@ class Sweep(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: int | None = Field(None, ge=1)
     max_failures: int = Field(2, ge=0)
+    tracking: Tracking | None = None  # W&B / MLflow loggers (orchestrator.tracking)
 
     _source_path: str = PrivateAttr("")
     _source_text: str = PrivateAttr("")
@@ -233,7 +236,9 @@ class Sweep(BaseModel):
 
     def fingerprint(self) -> str:
         """sha256 of everything that decides which trials run and what they compute."""
-        canonical = self.model_dump(mode="json", exclude=_NOT_FINGERPRINTED)
+        # Without `tracking:`, the fingerprint is the one sweeps had before the section existed.
+        untracked = {"tracking"} if self.tracking is None else set()
+        canonical = self.model_dump(mode="json", exclude=_NOT_FINGERPRINTED | untracked)
         canonical["parameters"] = [[k, v] for k, v in canonical["parameters"].items()]  # order matters
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
@@ -263,8 +268,12 @@ class Sweep(BaseModel):
 # --- loading -------------------------------------------------------------------------------------
 
 
-def load_sweep(path: str | Path, *, data_override: str | None = None) -> Sweep:
+def load_sweep(path: str | Path, *, data_override: str | None = None,
+               overrides: dict[str, Any] | None = None) -> Sweep:
     """Read and validate a sweep file; `data_override` replaces data.path. No side effects.
+
+    `overrides` ({"train.kimg": 2, ...}: `--set`, see orchestrator.overrides) edit the file's mapping
+    before validation, so every check applies to them as to the file.
 
     Relative paths in the file (data.path, data.cache_dir, eval.weights_path) are taken relative
     to the current working directory and stored absolute, so trials see the same files whatever
@@ -285,6 +294,10 @@ def load_sweep(path: str | Path, *, data_override: str | None = None) -> Sweep:
     if not isinstance(raw, dict):
         raise SweepError(file, None, f"expected a mapping (key: value lines) at the top level, got a "
                                      f"{_kind(raw)}")
+    if overrides:
+        from orchestrator.overrides import apply_overrides  # it imports this module
+
+        raw = apply_overrides(file, raw, overrides)
     try:
         sweep = Sweep.model_validate(raw)
     except ValidationError as e:
@@ -292,6 +305,8 @@ def load_sweep(path: str | Path, *, data_override: str | None = None) -> Sweep:
     if data_override is not None:
         sweep.data.path = data_override
     _Checker(file, sweep, overridden=data_override is not None).run()
+    if sweep.tracking is not None and (problem := tracking_problem(sweep.tracking)):
+        raise SweepError(file, *problem)
     sweep._source_path = file
     sweep._source_text = text
     return sweep
@@ -331,7 +346,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 _SECTIONS: dict[str, type[BaseModel]] = {
     "data": DataSection, "model": ModelSection, "train": TrainSection, "eval": EvalSection,
-    "metric": Metric, "scheduler": Scheduler, "resources": Resources,
+    "metric": Metric, "scheduler": Scheduler, "resources": Resources, **_TRACKING_SECTIONS,
 }
 _EXPECTED = {
     "float": "a number", "int": "an integer", "bool": "true or false", "string": "a string",
@@ -376,7 +391,7 @@ def _unknown_key(loc: tuple) -> str:
     elif parent[0] == "parameters":
         valid = list(Parameter.model_fields)
     else:
-        valid = list(_SECTIONS[str(parent[0])].model_fields)
+        valid = list(_SECTIONS[".".join(str(p) for p in parent)].model_fields)
     message = f"unknown key {word!r}"
     if parent in (("model",), ("train",)):
         other = "train" if parent == ("model",) else "model"
@@ -505,6 +520,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "kl_weight": (lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
     "seed": (lambda v: v >= 0, "must be >= 0"),
     "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "must be auto, cpu, cuda or cuda:N"),
+    "cuda_graph": (lambda v: v in ("auto", "on", "off", True, False), "must be auto, on or off"),
 }
 
 

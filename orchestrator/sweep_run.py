@@ -20,6 +20,7 @@ from orchestrator.results import ResultsWriter
 from orchestrator.schema import Sweep
 from orchestrator.storage import normalise as storage_uri, preflight, record as record_storage, resolve as storage_for_run
 from orchestrator.sweep_dir import SweepDir
+from orchestrator.tracking import check_trackers
 
 ENDED = ("completed", "stopped_early", "diverged", "error")  # every other status is unfinished
 # trial_id of a row that stands for a grid trial Tune had not created when the sweep was interrupted.
@@ -107,6 +108,7 @@ def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool,
         try:
             # Built once per sweep (trials receive it through Ray's object store), and before the results
             # directory is claimed: a folder without usable images leaves no half-made sweep behind.
+            check_trackers(sweep)  # tracking: W&B's API key, MLflow's store (one line if refused)
             dataset = prepare_dataset(sweep.trial_config({}).data)
             sweep_dir = SweepDir.claim(sweep, results, resume=resume)
         except KeyboardInterrupt:

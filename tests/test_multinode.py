@@ -86,14 +86,17 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, subprocess.Popen] = {}
 
-    def start(self, workers: tuple[str, ...], private: dict[str, Path] | None = None) -> None:
+    def start(self, workers: tuple[str, ...], private: dict[str, Path] | None = None, *, worker_cpus: int = 1,
+              worker_gpus: int = 0) -> None:
         """`private`: worker name -> a folder that node sees as its own empty one (a local disk where the
-        other nodes have shared storage), through a mount namespace of its own."""
-        self._spawn("head", "--head", f"--port={self.port}", "--num-cpus=0", "--dashboard-host=127.0.0.1",
+        other nodes have shared storage), through a mount namespace of its own. `worker_gpus`: GPUs each
+        worker declares to Ray (a logical resource: torch still finds no CUDA device and trains on the CPU)."""
+        self._spawn("head", "--head", f"--port={self.port}", "--num-cpus=0", "--num-gpus=0", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}")
         self._wait_started("head")
         for name in workers:  # one at a time: nodes starting together race for the same socket file names
-            self._spawn(name, f"--address={self.address}", "--num-cpus=1", private=(private or {}).get(name))
+            self._spawn(name, f"--address={self.address}", f"--num-cpus={worker_cpus}", f"--num-gpus={worker_gpus}",
+                        private=(private or {}).get(name))
             self._wait_started(name)
 
     def node_id(self, name: str) -> str:
@@ -121,7 +124,7 @@ class LocalCluster:
     def _spawn(self, name: str, *args: str, private: Path | None = None) -> None:
         # On one machine, every node's dashboard agent would take Ray's default port 52365.
         command = [*RAY_CLI, "start", "--block", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-                   "--num-gpus=0", f"--object-store-memory={200 * 2**20}",
+                   f"--object-store-memory={200 * 2**20}",
                    f"--dashboard-agent-listen-port={free_port()}", *args]
         if private is not None:
             private.mkdir(parents=True, exist_ok=True)
