@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+import gan.losses
 import gan.training
 from gan.config import DataConfig, EvalConfig, ModelConfig, TrainConfig, TrialConfig
 from gan.models import build_models
@@ -553,7 +554,7 @@ def test_collapsed_generator_ends_the_trial_as_diverged(tmp_path, monkeypatch):
 
 
 def test_late_divergence_keeps_the_last_good_metrics(tmp_path, monkeypatch):
-    g_loss = gan.training.losses.dcgan_g_loss
+    g_loss = gan.losses.dcgan_g_loss
     calls = 0
 
     def nan_after_first_evaluation(*args):
@@ -562,7 +563,7 @@ def test_late_divergence_keeps_the_last_good_metrics(tmp_path, monkeypatch):
         out = g_loss(*args)
         return {**out, "loss_g": out["loss_g"] * float("nan")} if calls > 12 else out
 
-    monkeypatch.setattr(gan.training.losses, "dcgan_g_loss", nan_after_first_evaluation)
+    monkeypatch.setattr(gan.losses, "dcgan_g_loss", nan_after_first_evaluation)
     reports = []
     result = training_loop(tiny_config(), tmp_path, lambda metrics, checkpoint: reports.append(metrics))
     assert result.status == "diverged" and result.reason == "non-finite loss"

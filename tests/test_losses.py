@@ -221,8 +221,8 @@ def one_step_of_training_loop(tmp_path, monkeypatch, *, keep: set[str]) -> dict[
         return wrapped
 
     monkeypatch.setattr(gan.training, "build_models", recording_build)
-    monkeypatch.setattr(gan.training.losses, "vaegan_d_loss", zeroing(losses.vaegan_d_loss))
-    monkeypatch.setattr(gan.training.losses, "vaegan_eg_losses", zeroing(losses.vaegan_eg_losses))
+    monkeypatch.setattr(losses, "vaegan_d_loss", zeroing(losses.vaegan_d_loss))
+    monkeypatch.setattr(losses, "vaegan_eg_losses", zeroing(losses.vaegan_eg_losses))
     batch = 20
     cfg = TrialConfig(
         model=ModelConfig(**VAE_MODEL),

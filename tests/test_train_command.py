@@ -1,5 +1,6 @@
 """`orchestrator train FILE --trial N`: one trial of a sweep in this process, without Ray."""
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -241,8 +243,14 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tiny, tmp_path):
     assert "Traceback" not in stdout + stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted at "), stderr
-    assert lines[0].endswith(f"kimg; checkpoint of 0.512 kimg in {out / 'checkpoint'}; continue with: orchestrator "
-                             f"train {tiny} --trial 0 --set train.kimg=200 --out {out} --resume")
+    # Which evaluation the signal came after depends on the machine's speed: the line names the latest one
+    # reported (an evaluation every 0.512 kimg), whose checkpoint is in the run directory.
+    said = re.search(r"; checkpoint of ([0-9.]+) kimg in ", lines[0])
+    assert said and round(float(said.group(1)) * 1000) % 512 == 0 and float(said.group(1)) >= 0.512, lines[0]
+    saved = json.loads(torch.load(out / "checkpoint" / "checkpoint.pt", weights_only=True)["state"])["images_shown"]
+    assert saved / 1000 >= float(said.group(1))
+    assert lines[0].endswith(f"kimg in {out / 'checkpoint'}; continue with: "
+                             f"orchestrator train {tiny} --trial 0 --set train.kimg=200 --out {out} --resume")
 
 
 # The same trial under Ray Tune: one trial, FIFO, CPU.
