@@ -21,14 +21,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from gan.config import TrialConfig, optimiser_settings
+from orchestrator.results import REPLICATE_KEYS
+from orchestrator.rungs import rung_milestones  # noqa: F401  (also imported from here)
 
-REPLICATE_KEYS = ("seed", "repeat")  # as orchestrator.results (which imports pyarrow): seed replicates
 
 
 class EstimateError(ValueError):
@@ -144,13 +144,6 @@ def run_to(cost: ModelCost, budget: Budget, end: int) -> Run:
             for p in evals
         )
     return Run(end, iterations, iterations * cost.seconds_per_iteration, len(evals), eval_seconds)
-
-
-def rung_milestones(grace_period: float, max_t: float, reduction_factor: float) -> list[float]:
-    """ASHA's rungs, as orchestrator.schedulers.rung_milestones (which imports Ray): grace_period x
-    reduction_factor^i below max_t (a rung at max_t decides nothing: the trial ends there)."""
-    count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)  # np.log: the same rounding
-    return [m for m in (grace_period * reduction_factor**k for k in range(count)) if m < max_t]
 
 
 def kept_per_rung(units: int, reduction_factor: float, rungs: int) -> list[int]:

@@ -24,6 +24,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from orchestrator.results import REPLICATE_KEYS
+from orchestrator.rungs import rung_milestones  # noqa: F401  (also imported from here)
 
 STATE_FILE = "scheduler.json"
 # In a trial's result: it ran out of memory on a shared GPU and asks to restart on a whole one
@@ -34,12 +35,6 @@ RETRY_KEY = "retry_on_whole_gpu"
 def config_key(params: dict[str, Any]) -> str:
     """Trials with the same key are seed replicates of one configuration."""
     return json.dumps({k: v for k, v in params.items() if k not in REPLICATE_KEYS}, sort_keys=True)
-
-
-def rung_milestones(grace_period: float, max_t: float, reduction_factor: float) -> list[float]:
-    """Ray's ASHA rungs (one bracket), ascending; a rung at max_t never records (the trial ends there)."""
-    count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
-    return [m for m in (grace_period * reduction_factor**k for k in range(count)) if m < max_t]
 
 
 def _write_json(path: Path, payload: dict) -> None:

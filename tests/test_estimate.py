@@ -105,9 +105,13 @@ def test_kept_never_drops_below_one():
 
 @pytest.mark.parametrize("grace,max_t,rf", [(1, 4, 2), (40, 400, 3), (20, 320, 3), (1, 1000, 10), (5, 5, 2),
                                             (0.5, 4, 2.5)])
-def test_rungs_match_the_schedulers(grace, max_t, rf):
-    schedulers = pytest.importorskip("orchestrator.schedulers")  # imports Ray: the estimate keeps a copy
-    assert rung_milestones(grace, max_t, rf) == schedulers.rung_milestones(grace, max_t, rf)
+def test_rungs_match_ray_tunes_asha(grace, max_t, rf):
+    """The rungs the estimate (and the sweep's schedulers) assume are those of Ray Tune's own ASHA."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    bracket = ASHAScheduler(time_attr="kimg", metric="fid", mode="min", max_t=max_t, grace_period=grace,
+                            reduction_factor=rf)._brackets[0]
+    assert rung_milestones(grace, max_t, rf) == sorted(m for m, _ in bracket._rungs if m < max_t)
 
 
 def test_optuna_is_costed_with_its_most_expensive_reachable_model():
