@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.leaderboard import Board, block_title
+from orchestrator.leaderboard import Board, block_title, ranking_title
+
 
 @dataclass
 class Section:
@@ -64,7 +65,8 @@ def sections(board: Board, by: list[str] | None, params: list[str]) -> list[Sect
             baseline = any("baseline" in r for r in rows)
             unfinished = any(r["n_unfinished"] for r in rows)
             headers = ["rank", *by, "n", "completed", "stopped early", "diverged", "error",
-                       *(["unfinished"] if unfinished else []), f"{label} (mean ± 95% CI)",
+                       *(["unfinished"] if unfinished else []), f"{label} median (ranking key)",
+                       f"{label} (mean ± 95% CI of completed)",
                        "IS (mean ± 95% CI)", "stopped by ASHA at kimg (FID there)"]
             if baseline:
                 headers += [f"Δ FID vs {rows[0]['baseline']} [95% CI]", "p", "test"]
@@ -72,11 +74,13 @@ def sections(board: Board, by: list[str] | None, params: list[str]) -> list[Sect
             for r in rows:
                 stopped = ("-" if r["stopped_at_kimg"] is None
                            else f"{r['stopped_at_kimg']:g} ({fmt(r['stopped_metric'])})")
-                cells = [str(r["rank"]), *(param(r[c]) for c in by), str(r["n"]), str(r["n_completed"]),
+                diverged = f" ({r['n_diverged']} of {r['n']} diverged)" if r["n_diverged"] else ""
+                median = fmt(r[f"{p}fid_median"]) if r["rank"] is not None else f"unranked: {r['unranked_reason']}"
+                cells = [fmt(r["rank"]), *(param(r[c]) for c in by), str(r["n"]), str(r["n_completed"]),
                          str(r["n_stopped_early"]), str(r["n_diverged"]), str(r["n_error"]),
-                         *([str(r["n_unfinished"])] if unfinished else []),
-                         mean_ci(r[f"{p}fid_mean"], r[f"{p}fid_ci95"]), mean_ci(r[f"{p}is_mean"], r[f"{p}is_ci95"]),
-                         stopped]
+                         *([str(r["n_unfinished"])] if unfinished else []), median,
+                         mean_ci(r[f"{p}fid_mean"], r[f"{p}fid_ci95"]) + diverged,
+                         mean_ci(r[f"{p}is_mean"], r[f"{p}is_ci95"]), stopped]
                 if baseline:
                     if r.get("diff_fid") is None:
                         cells += ["baseline" if r.get("is_baseline") else "-", "-", r.get("test") or "-"]
@@ -85,7 +89,8 @@ def sections(board: Board, by: list[str] | None, params: list[str]) -> list[Sect
                               if r["diff_ci95_low"] is not None else "")
                         cells += [f"{r['diff_fid']:+.2f}{ci}", p_text(r["p_value"]), r["test"]]
                 body.append(cells)
-            out.append(Section(block_title(rows[0], label) + " (groups: mean ± 95% CI over trials)", headers, body))
+            out.append(Section(f"{block_title(rows[0], label)} (groups {ranking_title(board)}; mean ± 95% CI over "
+                               "completed trials)", headers, body))
         return out
     ranked = [r for r in board.rows if r["rank"] is not None]
     others = [r for r in board.rows if r["rank"] is None]

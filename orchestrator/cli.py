@@ -75,7 +75,7 @@ def sweep(
     estimate: bool = typer.Option(False, "--estimate", help="With --dry-run: time each distinct model here and print the images, device-hours (and ASHA's best case) and peak memory of the sweep."),
 ) -> None:
     """Run a sweep on Ray Tune (local by default)."""
-    from orchestrator.sweep_run import SweepInterrupted, run_sweep  # Ray only once the sweep runs
+    from orchestrator.sweep_run import SweepErrors, SweepInterrupted, run_sweep  # Ray only once the sweep runs
 
     if estimate and not dry_run:  # explicit: `--estimate` alone must never be mistaken for a run
         fail("--estimate needs --dry-run: `orchestrator sweep FILE --dry-run --estimate` times the models and runs nothing")
@@ -96,6 +96,8 @@ def sweep(
         run_sweep(spec, results, address=address, resume=resume, console=console, storage=storage)
     except user_errors() as exc:
         fail(str(exc))
+    except SweepErrors:  # its closing lines named each errored trial: infrastructure failed, not a result
+        raise typer.Exit(1)
     except SweepInterrupted as stop:
         again = rerun_command(file, data=data, results=results, address=address, storage=storage, resume=stop.resumable)
         typer.echo(
@@ -198,6 +200,11 @@ class Format(str, Enum):
     latex = "latex"
 
 
+class Failures(str, Enum):
+    include = "include"
+    exclude = "exclude"
+
+
 def split_columns(text: Optional[str]) -> Optional[list[str]]:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
@@ -211,6 +218,7 @@ def leaderboard(
     at_kimg: Optional[float] = typer.Option(None, "--at-kimg", help="Compare every trial that reached an evaluation at this kimg, on that evaluation (default: the final FID)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="KEY=VALUE: with --group-by, each group's FID difference to this group, 95% CI and p-value."),
     fmt: Format = typer.Option(Format.table, "--format", help="table | json | csv | markdown | latex"),
+    failures: Failures = typer.Option(Failures.include, "--failures", help="include: groups rank on the median over completed and diverged trials (a diverged trial counts as the worst); exclude: on completed trials only."),
 ) -> None:
     """Trials ranked by final FID (or at --at-kimg), or groups with mean ± 95% CI over seeds."""
     from orchestrator.board_format import as_csv, as_json, as_latex, as_markdown, sections
@@ -219,7 +227,8 @@ def leaderboard(
     try:
         sweep_dir = find_sweep(results, sweep_name)
         by = split_columns(group_by)
-        board = build_board(sweep_dir, group_by=by, top=top, at_kimg=at_kimg, baseline=baseline)
+        board = build_board(sweep_dir, group_by=by, top=top, at_kimg=at_kimg, baseline=baseline,
+                            failures=failures.value)
         params = parameter_names(load_trials(sweep_dir))
     except user_errors() as exc:
         fail(str(exc))
@@ -255,13 +264,14 @@ def report(
     top: int = typer.Option(4, "--top", min=1, help="Show the sample grids of the best N trials."),
     at_kimg: Optional[float] = typer.Option(None, "--at-kimg", help="Compare trials at this kimg instead of on the final FID."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="KEY=VALUE: differences to this group (with --group-by or the default grouping)."),
+    failures: Failures = typer.Option(Failures.include, "--failures", help="include | exclude: whether diverged trials enter the groups' ranking key (see leaderboard)."),
 ) -> None:
     """Write one self-contained HTML report: leaderboard, FID curves, sample grids, the sweep file."""
     from orchestrator.report import write_report  # matplotlib: only when asked for
 
     try:
         path = write_report(find_sweep(results, sweep_name), out, group_by=split_columns(group_by), top=top,
-                            at_kimg=at_kimg, baseline=baseline)
+                            at_kimg=at_kimg, baseline=baseline, failures=failures.value)
     except user_errors() as exc:
         fail(str(exc))
     console.print(f"report: {path}")

@@ -9,6 +9,9 @@
 - Groups carry their trial counts by status and the mean with a Student-t 95% CI over measured
   trials; with a baseline, the difference to it with a 95% CI and the p-value of a paired t-test
   (same seeds and other parameters on both sides) or Welch's t-test (otherwise).
+- Failures count (orchestrator.failures): groups are ranked on the median FID over their measured and
+  diverged trials, a diverged trial counting as +inf, so a group that diverges on half its trials or more
+  is listed after the ranked ones, unranked. `failures="exclude"` ranks on measured trials only.
 """
 from __future__ import annotations
 
@@ -24,10 +27,10 @@ import pyarrow.parquet as pq
 import yaml
 from scipy import stats
 
+from orchestrator.failures import DIVERGED, UNFINISHED, finite_or_none
 from orchestrator.results import EVALUATIONS_FILE, TRIAL_COLUMNS, TRIALS_FILE
 
-UNFINISHED = ("pending", "running", "interrupted")
-FAILED = ("diverged", "error")
+FAILURE_MODES = ("include", "exclude")  # --failures: whether diverged trials enter the ranking key
 DEFAULT_EVERY_KIMG = 20.0  # gan.config.EvalConfig.every_kimg, for a sweep.yaml that leaves it out
 
 
@@ -240,9 +243,10 @@ def parse_baseline(text: str, by: list[str], trials: pd.DataFrame) -> Baseline:
 
 def group_trials(
     trials: pd.DataFrame, measured: Measured, by: list[str], top: int | None = None,
-    baseline: Baseline | None = None,
+    baseline: Baseline | None = None, failures: str = "include",
 ) -> list[dict[str, Any]]:
-    """One row per group and block: counts by status, mean ± 95% CI of the measured FID and IS."""
+    """One row per group and block: counts by status, the ranking key (median FID, diverged = +inf), and
+    mean ± 95% CI of the measured FID and IS."""
     missing = [c for c in by if c not in trials.columns]
     if missing:
         raise LeaderboardError(f"--group-by: unknown column(s) {missing}; parameters are {parameter_names(trials)}")
@@ -255,6 +259,10 @@ def group_trials(
         for key, g in trials.groupby(by, dropna=False, sort=True):
             key = key if isinstance(key, tuple) else (key,)
             mine = values[values["trial_id"].isin(g["trial_id"])]
+            # Diverged trials without a measured number count as the worst outcome in the key (not in the mean).
+            lost = int(((g["status"] == DIVERGED) & ~g["trial_id"].isin(mine["trial_id"])).sum())
+            key_values = [*mine["fid"].astype(float), *([math.inf] * lost if failures == "include" else [])]
+            rank_key = float(np.median(key_values)) if key_values else None
             fid_mean, fid_ci = mean_ci(mine["fid"])
             is_mean, is_ci = mean_ci(mine["isc"].dropna())
             status = g["status"]
@@ -268,6 +276,7 @@ def group_trials(
                 "n_diverged": int((status == "diverged").sum()),
                 "n_error": int((status == "error").sum()),
                 "n_unfinished": int(status.isin(UNFINISHED).sum()),
+                f"{p}fid_median": finite_or_none(rank_key),
                 f"{p}fid_mean": fid_mean, f"{p}fid_ci95": fid_ci,
                 f"{p}is_mean": is_mean, f"{p}is_ci95": is_ci,
                 # Where ASHA culled this group (the latest rung any of its trials reached, and the
@@ -276,26 +285,43 @@ def group_trials(
                 "stopped_metric": (_plain(stopped.loc[stopped["stopped_at_kimg"] == stopped["stopped_at_kimg"].max(),
                                                       "stopped_metric"].mean()) if not stopped.empty else None),
                 **_block_fields(block),
+                "unranked_reason": _unranked_reason(rank_key, lost, len(key_values), len(g)),
                 "_values": mine,
+                "_key": rank_key,
             }
             groups.append(row)
         groups.sort(key=lambda r: _group_order(r, p))
         if baseline is not None:
             _compare(groups, by, baseline, pair_on, p)
-        for rank, row in enumerate(groups[:top] if top else groups, start=1):
+        ranks = iter(range(1, len(groups) + 1))
+        for row in groups[:top] if top else groups:
             row.pop("_values")
-            rows.append({"rank": rank, **row})
+            key = row.pop("_key")
+            rows.append({"rank": next(ranks) if key is not None and math.isfinite(key) else None, **row})
     return rows
 
 
+def _unranked_reason(key: float | None, lost: int, n_key: int, n: int) -> str | None:
+    if key is None:
+        return "no measured or diverged trial"
+    if not math.isfinite(key):
+        return f"diverged on {lost} of {n_key} trials (half or more: its median is the worst outcome)"
+    return None
+
+
 def _group_order(row: dict[str, Any], p: str) -> tuple:
-    """Measured groups by mean FID; then groups ASHA culled, latest rung and best mean first; then the rest."""
-    if row[f"{p}fid_mean"] is not None:
-        return (0, row[f"{p}fid_mean"], 0.0)
+    """Ranked groups by their key (the median FID, diverged = +inf), then by mean; then groups whose key is
+    infinite (half or more diverged); then groups ASHA culled, latest rung and best mean first; then the rest."""
+    key = row["_key"]
+    if key is not None and math.isfinite(key):
+        mean = row[f"{p}fid_mean"] if row[f"{p}fid_mean"] is not None else math.inf
+        return (0, key, mean, 0.0)
+    if key is not None:
+        return (1, -row["n_diverged"], 0.0, 0.0)
     if row["stopped_at_kimg"] is not None:
         metric = row["stopped_metric"] if row["stopped_metric"] is not None else math.inf
-        return (1, -row["stopped_at_kimg"], metric)
-    return (2, 0.0, 0.0)
+        return (2, -row["stopped_at_kimg"], metric, 0.0)
+    return (3, 0.0, 0.0, 0.0)
 
 
 def _compare(groups: list[dict[str, Any]], by: list[str], baseline: Baseline, pair_on: list[str], p: str) -> None:
@@ -342,6 +368,7 @@ class Board:
     label: str  # what the FID columns are: "final FID" / "FID" (at --at-kimg); blocks add kimg and samples
     n_trials: int
     n_unfinished: int
+    failures: str = "include"  # whether diverged trials enter the groups' ranking key
 
     @property
     def partial_note(self) -> str | None:
@@ -353,8 +380,10 @@ class Board:
 
 def build_board(
     sweep_dir: Path, *, group_by: list[str] | None = None, top: int | None = None, at_kimg: float | None = None,
-    baseline: str | None = None,
+    baseline: str | None = None, failures: str = "include",
 ) -> Board:
+    if failures not in FAILURE_MODES:
+        raise LeaderboardError(f"--failures {failures}: must be one of {', '.join(FAILURE_MODES)}")
     trials = load_trials(sweep_dir)
     measured = measure(trials, load_evaluations(sweep_dir), at_kimg, every_kimg(sweep_dir))
     if baseline is not None and not group_by:
@@ -362,10 +391,25 @@ def build_board(
                                "--baseline variant=dcgan)")
     if group_by:
         base = parse_baseline(baseline, group_by, trials) if baseline is not None else None
-        rows = group_trials(trials, measured, group_by, top, base)
+        rows = group_trials(trials, measured, group_by, top, base, failures)
     else:
         rows = rank_trials(trials, measured, top)
-    return Board(rows, bool(group_by), measured.label, len(trials), unfinished_count(trials))
+    rows = [{k: _stored(v) for k, v in row.items()} for row in rows]
+    return Board(rows, bool(group_by), measured.label, len(trials), unfinished_count(trials), failures)
+
+
+def ranking_title(board: Board) -> str:
+    """How a grouped board is ranked: the failure policy, said in the table's title."""
+    what = f"median {board.label}"
+    if board.failures == "exclude":
+        return f"ranked on the {what} of completed trials only (--failures exclude: diverged trials left out)"
+    return f"ranked on the {what} over completed and diverged trials (a diverged trial counts as the worst)"
+
+
+def _stored(value: Any) -> Any:
+    """Non-finite numbers become null in every export (JSON, CSV, LaTeX); the status columns say why."""
+    value = _plain(value)
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def block_title(row: dict[str, Any], label: str) -> str:

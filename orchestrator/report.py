@@ -27,7 +27,14 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from gan.config import TINY_CONV
 from orchestrator.board_format import Section, fmt, sections
-from orchestrator.leaderboard import Board, LeaderboardError, build_board, load_trials, parameter_names
+from orchestrator.leaderboard import (
+    Board,
+    LeaderboardError,
+    build_board,
+    load_trials,
+    parameter_names,
+    ranking_title,
+)
 from orchestrator.results import EVALUATIONS_FILE
 
 REPORT_FILE = "report.html"
@@ -91,7 +98,7 @@ window.addEventListener("load", function () {
 
 
 def write_report(sweep_dir: Path, out: Path | None = None, *, group_by: list[str] | None = None, top: int = 4,
-                 at_kimg: float | None = None, baseline: str | None = None) -> Path:
+                 at_kimg: float | None = None, baseline: str | None = None, failures: str = "include") -> Path:
     """Write the sweep's HTML report (default `<sweep_dir>/report.html`) and return its path."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -105,7 +112,7 @@ def write_report(sweep_dir: Path, out: Path | None = None, *, group_by: list[str
         raise LeaderboardError("--baseline needs a grouping: pass --group-by (this sweep varies neither variant "
                                "nor g_widths, the default groupings)")
     # The same tables as `orchestrator leaderboard` (final FID by default, never pooled across blocks).
-    groups = build_board(sweep_dir, group_by=by, at_kimg=at_kimg, baseline=baseline) if by else None
+    groups = build_board(sweep_dir, group_by=by, at_kimg=at_kimg, baseline=baseline, failures=failures) if by else None
     trials_board = build_board(sweep_dir, at_kimg=at_kimg)
     ranked = [r for r in trials_board.rows if r["rank"] is not None]
     sweep_text = (sweep_dir / SWEEP_FILE).read_text() if (sweep_dir / SWEEP_FILE).exists() else None
@@ -154,12 +161,15 @@ def header(name: str, sweep_dir: Path, trials: pd.DataFrame, sweep_text: str | N
     )
     sources = sorted(str(s) for s in trials["data_source"].dropna().unique())
     extractors = sorted(str(e) for e in trials["extractor"].dropna().unique())
+    devices = trials["device_used"].dropna().value_counts() if "device_used" in trials else pd.Series(dtype=int)
     facts = {
         "trials": f"{len(trials)} &nbsp; {status_line}",
         "ran": run_period(trials),
         "report written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "data": ", ".join(data_label(s) for s in sources) or "unknown (no evaluation reported it)",
         "feature extractor": ", ".join(esc(e) for e in extractors) or "unknown",
+        # What actually ran (a trial that found no usable CUDA ends in error instead of training on the CPU).
+        "device used": ", ".join(f"{esc(d)} ({n} trials)" for d, n in devices.items()) or "unknown",
         "results": f"<code>{esc(sweep_dir.resolve())}</code>",
     }
     parts = [f"<h1>Sweep report: {esc(name)}</h1>"]
@@ -220,7 +230,7 @@ def leaderboard_section(groups: Board | None, trials: Board, by: list[str] | Non
     if trials.partial_note:
         parts.append(f'<div class="warn">{esc(trials.partial_note)}</div>')
     if groups is not None:
-        parts.append(f"<h3>By {esc(', '.join(by))}: mean &plusmn; 95% CI over trials</h3>")
+        parts.append(f"<h3>By {esc(', '.join(by))}: {esc(ranking_title(groups))}</h3>")
         parts += [section_html(sec, "groups") for sec in sections(groups, by, params)]
     parts.append(f"<h3>Trials by {esc(trials.label)}</h3>")
     parts += [section_html(sec, "trials") for sec in sections(trials, None, params)]

@@ -16,6 +16,8 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.failures import finite
+
 EVALUATIONS_FILE = "evaluations.parquet"
 TRIALS_FILE = "trials.parquet"
 STATUSES = ("pending", "running", "interrupted", "completed", "stopped_early", "diverged", "error")
@@ -45,6 +47,7 @@ EVALUATION_COLUMNS: dict[str, pa.DataType] = {
     "node": pa.string(),
     "node_ip": pa.string(),
     "data_source": pa.string(),
+    "device_used": pa.string(),  # what ran: cpu, or cuda:<device name>
     "time": pa.timestamp("us", tz="UTC"),
 }
 TRIAL_COLUMNS: dict[str, pa.DataType] = {
@@ -68,6 +71,7 @@ TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "run_dir": pa.string(),
     "node": pa.string(),
     "data_source": pa.string(),
+    "device_used": pa.string(),
     "started": pa.timestamp("us", tz="UTC"),
     "ended": pa.timestamp("us", tz="UTC"),
 }
@@ -117,7 +121,10 @@ def to_table(rows: list[dict[str, Any]], fixed: dict[str, pa.DataType], params: 
             # A checked cast: a value that does not fit the schema's type raises instead of being truncated.
             columns[name] = pa.array(values).cast(kind)
     for name, kind in fixed.items():
-        columns[name] = pa.array([r.get(name) for r in rows], type=kind)
+        values = [r.get(name) for r in rows]
+        if kind == pa.float64():  # non-finite numbers are null; the trial's status says why
+            values = [v if v is None or finite(v) else None for v in values]
+        columns[name] = pa.array(values, type=kind)
     return pa.table(columns)
 
 

@@ -25,20 +25,21 @@ from gan.config import INCEPTION, TrialConfig
 from gan.data import PreparedDataset
 from gan.metrics import WEIGHTS_ENV
 from gan.training import training_loop
+from orchestrator.devices import DeviceUnavailable, device_used, trial_device
+from orchestrator.failures import LAST_GOOD_PREFIX, sentinel
 from orchestrator.results import ResultsWriter, parameter_value
-from orchestrator.schedulers import RETRY_KEY, STATE_FILE, ConfigASHA, TrialASHA
+from orchestrator.schedulers import RETRY_KEY, STATE_FILE, ConfigASHA, TrialASHA, expected_seeds
 from orchestrator.schema import Sweep, SweepError
 from orchestrator.storage import SharedCheck, StorageError, check_this_node
 from orchestrator.sweep_dir import SweepDir
 from orchestrator.tracking import tracking_callbacks
 
-# What the scheduler and search see for a trial that diverged before its first evaluation:
-# finite (Optuna and ASHA reject NaN) and worse than any real FID.
-DIVERGED_BEFORE_FIRST_EVAL_FID = 1.0e6
 EVAL_KEYS = (
     "kimg", "g_steps", "fid", "is_mean", "is_std", "kid_mean", "kid_std", "extractor", "fid_samples", "final",
     "loss_d", "loss_g", "images_per_s", "eval_seconds", "wall_s", "grid_path", "node", "node_ip", "data_source",
+    "device_used",
 )
+ERROR_FILE = "error.txt"  # trials/<id>/error.txt: why a trial ended in error (Tune's traceback, or the reason)
 
 
 def now() -> datetime:
@@ -92,8 +93,15 @@ def train_trial(
         "node_ip": ray.util.get_node_ip_address(),
         "data_source": dataset.source,
     }
+    metric, worst = sweep.metric.name, sentinel(sweep.metric.mode)
 
     gpu_share = trial_gpu_share(context)
+    try:  # a GPU share means CUDA; `gpu: 0` means the CPU, whatever GPUs the node has
+        cfg.train.device = trial_device(cfg.train.device, gpu_share)
+    except DeviceUnavailable as exc:  # infrastructure, not the configuration: `error`, never retried
+        tune.report({"kimg": 0.0, metric: worst, "error": str(exc), **node})
+        return
+    node["device_used"] = device_used(cfg.train.device)
     inject_oom = os.environ.get(INJECT_OOM_ENV) == "1" and 0 < gpu_share < 1
 
     reported = []
@@ -127,14 +135,15 @@ def train_trial(
                 # A neighbour on the same GPU may have taken the memory: ask the scheduler (WholeGpuAfterOom) to
                 # restart this trial once on a whole GPU. Tune pauses it inside this report and restarts it
                 # from the last checkpoint it persisted (this result carries none: it is not an evaluation).
-                tune.report({"kimg": 0.0, "fid": DIVERGED_BEFORE_FIRST_EVAL_FID, RETRY_KEY: reason, **node})
+                tune.report({"kimg": 0.0, metric: worst, RETRY_KEY: reason, **node})
                 reason = f"{reason} (and no scheduler moved the trial to a whole GPU)"
             # On a whole GPU (or none) the same config would run out again: end the trial as 'error' now.
-            tune.report({"kimg": 0.0, "fid": DIVERGED_BEFORE_FIRST_EVAL_FID, "error": reason, **node})
+            tune.report({"kimg": 0.0, metric: worst, "error": reason, **node})
             return
     if result.status == "diverged":
-        last_fid = result.metrics.get("fid", DIVERGED_BEFORE_FIRST_EVAL_FID)
-        tune.report({"kimg": result.kimg, "fid": last_fid, "diverged": True, "reason": result.reason, **node})
+        # The worst value for ASHA and Optuna; the last good one is kept apart, never credited as the metric.
+        last = {f"{LAST_GOOD_PREFIX}{metric}": result.metrics[metric]} if metric in result.metrics else {}
+        tune.report({"kimg": result.kimg, metric: worst, **last, "diverged": True, "reason": result.reason, **node})
 
 
 @dataclass(frozen=True)
@@ -262,6 +271,8 @@ class ResultsCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._ensure(trial)
+        if result.get("device_used") and not self.writer.trials[trial.trial_id].get("device_used"):
+            self.writer.update_trial(trial.trial_id, device_used=result["device_used"])
         if result.get("diverged"):
             self.flags[trial.trial_id] = ("diverged", result.get("reason", ""))
             return
@@ -289,6 +300,8 @@ class ResultsCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ensure(trial)
         status, reason = self.flags.pop(trial.trial_id, (None, ""))
+        if status == "error":
+            self._write_error(trial.trial_id, reason)
         stop = self.scheduler.stop_info(trial.trial_id) if hasattr(self.scheduler, "stop_info") else None
         culled = {}
         if status is None and stop is not None:
@@ -307,8 +320,22 @@ class ResultsCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ensure(trial)
+        try:
+            text = trial.get_error() or ""
+        except Exception:  # a callback that raises would end the whole sweep
+            text = ""
+        self._write_error(trial.trial_id, text or error_reason(trial))
         self._summarise(trial, status="error", reason=error_reason(trial), ended=now())
         self._refresh()
+
+    def _write_error(self, trial_id: str, text: str) -> None:
+        """The whole reason (Tune's traceback) goes to trials/<id>/error.txt; the table keeps its last line."""
+        path = Path(self.sweep_dir) / "trials" / trial_id / ERROR_FILE
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text.rstrip() + "\n")
+        except OSError:
+            pass  # the reason is still in trials.parquet
 
     def on_experiment_end(self, trials, **info):
         if self.live is not None:
@@ -340,7 +367,7 @@ class ResultsCallback(tune.Callback):
                 final_fid_samples=last.get("fid_samples") if last.get("final") else None,
                 extractor=last.get("extractor"), kimg=last["kimg"], g_steps=last.get("g_steps"),
                 grid_path=last.get("grid_path"),
-                node=last.get("node"), data_source=last.get("data_source"),
+                node=last.get("node"), data_source=last.get("data_source"), device_used=last.get("device_used"),
             )
         if trial.checkpoint is not None:
             summary["checkpoint_path"] = trial.checkpoint.path
@@ -381,8 +408,10 @@ def build_scheduler(sweep: Sweep, sweep_dir: SweepDir):
         return FIFOScheduler()
     state_file = str(sweep_dir.path / STATE_FILE)
     if s.unit == "config":
+        # A decision waits for every seed the expansion gives a configuration, created by Tune or not yet.
+        expected = expected_seeds(sweep.trials()) if sweep.method != "optuna" else None
         return ConfigASHA(state_file, time_attr="kimg", max_t=s.max_t, grace_period=s.grace_period,
-                          reduction_factor=s.reduction_factor, trial_params=trial_params)
+                          reduction_factor=s.reduction_factor, trial_params=trial_params, expected_seeds=expected)
     return TrialASHA(state_file, time_attr="kimg", max_t=s.max_t, grace_period=s.grace_period,
                      reduction_factor=s.reduction_factor)
 
@@ -417,16 +446,16 @@ def build_tuner(
         # (or the storage its sweep started with, recorded in it).
         return tune.Tuner.restore(f"{storage_path}/{experiment}", trainable, resume_unfinished=True, resume_errored=True)
 
-    metric, mode = sweep.metric.name, ("min" if sweep.metric.goal == "minimize" else "max")
+    metric, mode = sweep.metric.name, sweep.metric.mode
     scheduler = build_scheduler(sweep, sweep_dir)
     search_alg = None
     if sweep.method == "optuna":
         import optuna
         from optuna.samplers import TPESampler
-        from ray.tune.search.optuna import OptunaSearch
+        from orchestrator.search import PolicyOptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live table shows the trials
-        search_alg = OptunaSearch(space=sweep.optuna_space, metric=metric, mode=mode, sampler=TPESampler(seed=sweep.search_seed))
+        search_alg = PolicyOptunaSearch(space=sweep.optuna_space, metric=metric, mode=mode, sampler=TPESampler(seed=sweep.search_seed))
         param_space: dict[str, Any] = {}
         num_samples = sweep.num_samples
     else:
@@ -438,7 +467,9 @@ def build_tuner(
         mode=mode,
         # On a shared GPU, an out-of-memory trial is moved to a whole GPU once (WholeGpuAfterOom).
         scheduler=ResourceChangingScheduler(scheduler, WholeGpuAfterOom(sweep.resources.cpu)) if shares_gpu else scheduler,
-        reuse_actors=False,  # a trial's actor holds its GPU share; ResourceChangingScheduler requires it too
+        # A new worker process per trial costs seconds; only the out-of-memory retry (a trial's actor holds its
+        # GPU share, and ResourceChangingScheduler requires it) needs fresh actors.
+        reuse_actors=not shares_gpu,
         search_alg=search_alg,
         num_samples=num_samples,
         max_concurrent_trials=sweep.max_concurrent,
@@ -511,6 +542,9 @@ def start_ray(address: str | None, dashboard_host: str = "127.0.0.1"):
     if address is not None:
         check_ray_address(address)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A failed trial's traceback goes to trials/<id>/error.txt, not the terminal: the sweep's closing lines
+    # name each errored trial and its file.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     # Each evaluation checkpoints; Tune's advice to checkpoint less is noise for GAN sweeps.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}

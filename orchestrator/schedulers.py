@@ -9,6 +9,9 @@ read it back on the first call after a restore, so a resumed sweep makes the sam
 - `ConfigASHA` (`scheduler.unit: config`): successive halving over configurations (trials that
   differ only in `seed`), judged on the mean of their seeds' metric at each rung, with ASHA's
   asynchronous rule applied to those means. Seeds of one configuration are stopped together.
+
+Both apply the failure policy (orchestrator.failures): a diverged seed is the worst value, an errored
+one is missing, and a non-finite metric counts as diverged.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from orchestrator.failures import DIVERGED_SENTINEL as DIVERGED_SENTINEL_ABS, finite, sentinel
 from orchestrator.results import REPLICATE_KEYS
 from orchestrator.rungs import rung_milestones  # noqa: F401  (also imported from here)
 
@@ -66,9 +70,9 @@ class _SavedState:
         return json.loads(path.read_text()) if path.exists() else None
 
 
-def _failed(result: dict) -> bool:
-    """A report of a trial that diverged or errored: it ends, and its value judges nothing."""
-    return bool(result.get("diverged") or result.get("error"))
+def _diverged(result: dict, metric: str | None) -> bool:
+    """A diverged report, or one whose metric is not a finite number (NaN < cutoff is never true)."""
+    return bool(result.get("diverged")) or (metric is not None and metric in result and not finite(result[metric]))
 
 
 class TrialASHA(_SavedState, ASHAScheduler):
@@ -101,8 +105,10 @@ class TrialASHA(_SavedState, ASHAScheduler):
         self._load()
         if trial.trial_id in self.stopped:  # decided before a crash: the same decision again
             return TrialScheduler.STOP
-        if result.get(RETRY_KEY):
+        if result.get(RETRY_KEY) or result.get("error"):  # no measurement: an error is missing, never a value
             return TrialScheduler.CONTINUE
+        if _diverged(result, self._metric):  # the worst value, never the last good one or NaN
+            result = {**result, self._metric: sentinel(self._mode)}
         before = {m: trial.trial_id in r for m, r in self._brackets[0]._rungs}
         action = super().on_trial_result(tune_controller, trial, result)
         # The rung this result was recorded at, if any, and the (signed) value recorded there.
@@ -132,18 +138,27 @@ class TrialASHA(_SavedState, ASHAScheduler):
 class ConfigASHA(_SavedState, FIFOScheduler):
     """Successive halving over configurations, judged on the mean over their seeds.
 
-    At each rung, a configuration is judged once every one of its seeds has reported an evaluation
-    there (or ended): it continues if its mean is within the best 1/reduction_factor of the
-    configuration means recorded at that rung so far (Ray ASHA's percentile rule), else all its
-    trials stop. A seed that is ahead of an open decision keeps training (it never holds a slot
-    idle, and Tune's max_concurrent counts paused trials as live, so pausing could starve its own
-    siblings); when its configuration is stopped it stops at its next report, and if it had already
-    finished, `stop_info` still names the rung, so the results record it as stopped with its siblings.
-    Pending seeds of a configuration with an open decision are started first.
+    At each rung, a configuration is judged once every one of its **expected** seeds (from the sweep's
+    expansion, before Tune creates them) has reported an evaluation there or ended: it continues if its
+    mean is within the best 1/reduction_factor of the configuration means recorded at that rung so far
+    (Ray ASHA's percentile rule), else all its trials stop.
+
+    The failure policy (orchestrator.failures) decides what a seed contributes at a rung:
+    - its recorded value;
+    - a seed that diverged before the rung: the sentinel, worse than any real value. A configuration
+      whose mean carries one is stopped there, so it is never kept over one without;
+    - a seed that ended in error: nothing (left out of the mean; the decision's record names it). When Tune
+      requeues it (on_trial_error, then on_trial_add), it counts again once it reports.
+
+    A seed that is ahead of an open decision keeps training (it never holds a slot idle, and Tune's
+    max_concurrent counts paused trials as live, so pausing could starve its own siblings); when its
+    configuration is stopped it stops at its next report, and if it had already finished, `stop_info`
+    still names the rung, so the results record it as stopped with its siblings. Pending seeds of a
+    configuration with an open decision are started first.
     """
 
     def __init__(self, state_file: str, *, time_attr: str, max_t: float, grace_period: float,
-                 reduction_factor: float, trial_params):
+                 reduction_factor: float, trial_params, expected_seeds: dict[str, int] | None = None):
         super().__init__()
         self.state_file = state_file
         self.time_attr = time_attr
@@ -151,10 +166,12 @@ class ConfigASHA(_SavedState, FIFOScheduler):
         self.reduction_factor = reduction_factor
         self.milestones = rung_milestones(grace_period, max_t, reduction_factor)
         self.trial_params = trial_params  # Tune trial config -> the sweep's parameters
+        # config key -> how many seeds the sweep's expansion gives it (None: Optuna, whose configurations
+        # are proposed one trial at a time; then the seeds created so far are all there is to wait for).
+        self.expected_seeds = dict(expected_seeds) if expected_seeds is not None else None
         self._metric: str | None = None
         self.sign = 1.0  # metric * sign: larger is better
         self._trials: dict[str, Trial] = {}
-        self._config_of: dict[str, str] = {}
         self._reset_state()
         self._loaded = False
 
@@ -163,9 +180,13 @@ class ConfigASHA(_SavedState, FIFOScheduler):
         self.records: dict[str, dict[str, dict[str, float]]] = {m: {} for m in ms}  # rung -> config -> trial -> value
         self.means: dict[str, dict[str, float]] = {m: {} for m in ms}  # rung -> config -> signed mean
         self.decided: dict[str, dict[str, str]] = {}  # config -> rung -> continue | stop | none
+        self.decisions: dict[str, dict[str, dict]] = {}  # config -> rung -> what the decision rested on
         self.stopped: dict[str, tuple[float, float]] = {}  # config -> (rung kimg, mean metric there)
         self.ended: set[str] = set()
         self.finished: set[str] = set()  # trials that reported their last evaluation (max_t)
+        self.diverged: set[str] = set()
+        self.errored: set[str] = set()
+        self.config_of: dict[str, str] = {}
 
     # --- persistence ---------------------------------------------------------------------------
     def _load(self) -> None:
@@ -175,14 +196,20 @@ class ConfigASHA(_SavedState, FIFOScheduler):
         self.records.update(saved["records"])
         self.means.update(saved["means"])
         self.decided = saved["decided"]
+        self.decisions = saved.get("decisions", {})
         self.stopped = {c: tuple(v) for c, v in saved["stopped"].items()}
         self.ended = set(saved["ended"])
         self.finished = set(saved["finished"])
+        self.diverged = set(saved.get("diverged", []))
+        self.errored = set(saved.get("errored", []))
+        self.config_of.update(saved.get("config_of", {}))
 
     def _save(self) -> None:
         _write_json(Path(self.state_file), {
             "unit": "config", "records": self.records, "means": self.means, "decided": self.decided,
-            "stopped": self.stopped, "ended": sorted(self.ended), "finished": sorted(self.finished),
+            "decisions": self.decisions, "stopped": self.stopped, "ended": sorted(self.ended),
+            "finished": sorted(self.finished), "diverged": sorted(self.diverged), "errored": sorted(self.errored),
+            "config_of": self.config_of,
         })
 
     # --- Tune hooks ----------------------------------------------------------------------------
@@ -195,26 +222,32 @@ class ConfigASHA(_SavedState, FIFOScheduler):
 
     def on_trial_add(self, tune_controller, trial: Trial):
         self._load()
-        self._trials[trial.trial_id] = trial
-        self._config_of[trial.trial_id] = config_key(self.trial_params(trial.config))
+        tid = trial.trial_id
+        self._trials[tid] = trial
+        self.config_of[tid] = config_key(self.trial_params(trial.config))
+        if tid in self.errored:  # requeued after an error (or resumed): it counts again once it reports
+            self.errored.discard(tid)
+            self.ended.discard(tid)
+            self._save()
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         self._load()
         tid = trial.trial_id
-        config = self._config_of[tid]
+        config = self.config_of[tid]
         if self.time_attr not in result or self._metric not in result or result.get(RETRY_KEY):
             return TrialScheduler.CONTINUE
         if config in self.stopped:
             return TrialScheduler.STOP
-        if _failed(result):  # it ends by itself; its siblings need not wait for it
-            self.ended.add(tid)
-            action = self._decide(tune_controller, config, current=tid)
-            self._save()
-            return action
-        t = float(result[self.time_attr])
-        self._record(tid, config, t, float(result[self._metric]))
-        if t >= self.max_t:
-            self.finished.add(tid)
+        if result.get("error"):  # it ends by itself, as missing; its siblings need not wait for it
+            self._mark_ended(tid, errored=True)
+        elif _diverged(result, self._metric):  # it ends by itself, as the worst value at every later rung
+            self.diverged.add(tid)
+            self._mark_ended(tid)
+        else:
+            t = float(result[self.time_attr])
+            self._record(tid, config, t, float(result[self._metric]))
+            if t >= self.max_t:
+                self.finished.add(tid)
         action = self._decide(tune_controller, config, current=tid)
         if action == TrialScheduler.CONTINUE and tid in self.finished:
             action = TrialScheduler.STOP  # the budget is spent, as Tune's ASHA does at max_t
@@ -225,7 +258,10 @@ class ConfigASHA(_SavedState, FIFOScheduler):
         self._end(tune_controller, trial)
 
     def on_trial_error(self, tune_controller, trial: Trial):
-        self._end(tune_controller, trial)
+        if trial.status == Trial.RUNNING and getattr(trial, "should_recover", lambda: False)():
+            # Tune requeues it (on_trial_add follows): a restart, not an end; no decision rests on its absence.
+            return
+        self._end(tune_controller, trial, errored=True)
 
     def on_trial_remove(self, tune_controller, trial: Trial):
         self._end(tune_controller, trial)
@@ -246,22 +282,36 @@ class ConfigASHA(_SavedState, FIFOScheduler):
     def stop_info(self, trial_id: str) -> tuple[float, float] | None:
         """(rung kimg, mean metric of its configuration there) for a trial whose configuration was stopped."""
         self._load()
-        return self.stopped.get(self._config_of.get(trial_id, ""))
+        return self.stopped.get(self.config_of.get(trial_id, ""))
 
     # --- the rule ------------------------------------------------------------------------------
-    def _end(self, tune_controller, trial: Trial) -> None:
+    def _mark_ended(self, tid: str, errored: bool = False) -> None:
+        self.ended.add(tid)
+        if errored:
+            self.errored.add(tid)
+
+    def _end(self, tune_controller, trial: Trial, errored: bool = False) -> None:
         self._load()
-        self.ended.add(trial.trial_id)
-        config = self._config_of.get(trial.trial_id)
+        tid = trial.trial_id
+        if tid in self.ended and not errored:
+            return  # already ended (a diverged or errored report, then Tune's completion)
+        self._mark_ended(tid, errored=errored and tid not in self.diverged)
+        config = self.config_of.get(tid)
         if config is not None and config not in self.stopped:
-            self._decide(tune_controller, config, current=trial.trial_id)
+            self._decide(tune_controller, config, current=tid)
         self._save()
 
     def _siblings(self, config: str) -> list[str]:
-        return [t for t, c in self._config_of.items() if c == config]
+        return [t for t, c in self.config_of.items() if c == config]
+
+    def _all_seeds_exist(self, config: str) -> bool:
+        """Every seed the sweep expands this configuration into has been created by Tune."""
+        if self.expected_seeds is None or config not in self.expected_seeds:
+            return True
+        return len(self._siblings(config)) >= self.expected_seeds[config]
 
     def _highest_recorded(self, tid: str) -> float:
-        config = self._config_of[tid]
+        config = self.config_of[tid]
         return max((float(m) for m in self.records if tid in self.records[m].get(config, {})), default=-math.inf)
 
     def _record(self, tid: str, config: str, t: float, value: float) -> None:
@@ -277,16 +327,33 @@ class ConfigASHA(_SavedState, FIFOScheduler):
 
     def _waiting(self, tid: str) -> bool:
         """Ahead of an open decision: it recorded at a rung above an undecided one (or finished)."""
-        config = self._config_of.get(tid)
+        config = self.config_of.get(tid)
         if config is None or config in self.stopped or tid in self.ended:
             return False
         decided = self.decided.get(config, {})
         reached = math.inf if tid in self.finished else self._highest_recorded(tid)
         return any(str(m) not in decided for m in self.milestones if m < reached)
 
+    def rung_values(self, config: str, m: float) -> tuple[dict[str, float], list[str], list[str]]:
+        """What each seed contributes at rung m: ({trial: value}, diverged trials, errored trials left out)."""
+        recorded = self.records[str(m)].get(config, {})
+        values, diverged, errored = {}, [], []
+        worst = -self.sign * DIVERGED_SENTINEL_ABS
+        for tid in self._siblings(config):
+            if tid in recorded:
+                values[tid] = recorded[tid]
+            elif tid in self.diverged:
+                values[tid] = worst
+                diverged.append(tid)
+            elif tid in self.errored:
+                errored.append(tid)
+        return values, sorted(diverged), sorted(errored)
+
     def _decide(self, tune_controller, config: str, current: str) -> str:
         """Take every decision of `config` that its seeds allow, lowest rung first."""
         decided = self.decided.setdefault(config, {})
+        if not self._all_seeds_exist(config):
+            return TrialScheduler.CONTINUE  # a seed Tune has not created yet cannot have arrived
         for m in self.milestones:
             key = str(m)
             if key in decided:
@@ -295,21 +362,24 @@ class ConfigASHA(_SavedState, FIFOScheduler):
                 continue
             if not all(self._arrived(t, m) for t in self._siblings(config)):
                 break
-            values = list(self.records[key].get(config, {}).values())
-            if not values:  # every seed ended before this rung
-                decided[key] = "none"
+            values, diverged, errored = self.rung_values(config, m)
+            record = {"seeds": sorted(values), "diverged": diverged, "errored": errored}
+            self.decisions.setdefault(config, {})[key] = record
+            if not values:  # every seed ended (or errored) before this rung
+                decided[key] = record["decision"] = "none"
                 continue
-            mean = float(np.mean(values))
+            mean = float(np.mean(list(values.values())))
             signed = self.sign * mean
             previous = list(self.means[key].values())
             cutoff = np.nanpercentile(previous, (1 - 1 / self.reduction_factor) * 100) if previous else None
             self.means[key][config] = signed
-            if cutoff is not None and signed < cutoff:
-                decided[key] = "stop"
+            record["mean"] = mean
+            if diverged or (cutoff is not None and signed < cutoff):
+                decided[key] = record["decision"] = "stop"
                 self.stopped[config] = (m, mean)
                 self._stop_siblings(tune_controller, config, current)
                 return TrialScheduler.STOP
-            decided[key] = "continue"
+            decided[key] = record["decision"] = "continue"
         return TrialScheduler.CONTINUE
 
     def _stop_siblings(self, tune_controller, config: str, current: str) -> None:
@@ -320,3 +390,12 @@ class ConfigASHA(_SavedState, FIFOScheduler):
             trial = self._trials.get(tid)
             if tid != current and trial is not None and trial.status in (Trial.PAUSED, Trial.PENDING):
                 tune_controller.stop_trial(trial)
+
+
+def expected_seeds(trials: list[dict[str, Any]]) -> dict[str, int]:
+    """How many seed replicates each configuration of a grid or random sweep has (config key -> count)."""
+    counts: dict[str, int] = {}
+    for params in trials:
+        key = config_key(params)
+        counts[key] = counts.get(key, 0) + 1
+    return counts

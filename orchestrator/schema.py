@@ -36,6 +36,8 @@ from gan.config import (
 )
 from orchestrator.tracking import SECTIONS as _TRACKING_SECTIONS, Tracking, tracking_problem
 
+# Parameters that make trials replicates of one configuration rather than different configurations.
+REPLICATE_PARAMS = ("seed", "repeat")
 METRIC_GOALS = {"fid": "minimize", "kid_mean": "minimize", "is_mean": "maximize"}
 # Their valid values depend on the channel widths, so they are listed, never sampled.
 NO_DISTRIBUTION = ("heads", "use_at", "cmhsa_at")
@@ -82,6 +84,11 @@ class Metric(BaseModel):
     model_config = _FORBID
     name: Literal["fid", "is_mean", "kid_mean"] = "fid"
     goal: Literal["minimize", "maximize"] | None = None  # None: the only sensible one for `name`
+
+    @property
+    def mode(self) -> str:
+        """Ray Tune's name for the goal: "min" or "max"."""
+        return "max" if (self.goal or METRIC_GOALS[self.name]) == "maximize" else "min"
 
 
 class Parameter(BaseModel):
@@ -174,11 +181,12 @@ class Sweep(BaseModel):
         if self.method == "random":
             rng = np.random.default_rng(self.search_seed)
             return [self._in_file_order(self._sample(order, rng)) for _ in range(n)]
-        grid = [self._in_file_order(t) for t in _expand(self.parameters, order)]
+        grid = [self._in_file_order(t) for t in _expand(self.parameters, _replicates_last(order, self.parameters))]
         if n == 1:
             return grid
-        # Repeats are seed replicates: each gets its own seed (train.seed + repeat), never a copy.
-        return [{**t, "seed": self.train.seed + r, "repeat": r} for r in range(n) for t in grid]
+        # Repeats are seed replicates: each gets its own seed (train.seed + repeat), never a copy; innermost,
+        # so that a configuration's seeds run side by side.
+        return [{**t, "seed": self.train.seed + r, "repeat": r} for t in grid for r in range(n)]
 
     def replicates_seeds(self) -> bool:
         """Whether trials come in seed replicates of one configuration (seed swept, or grid repeats)."""
@@ -450,6 +458,15 @@ def _optuna_choice(value: Any) -> Any:
 
 def _holds(when: dict[str, list[Any]] | None, chosen: dict[str, Any]) -> bool:
     return all(name in chosen and chosen[name] in allowed for name, allowed in (when or {}).items())
+
+
+def _replicates_last(order: list[str], parameters: dict[str, Parameter]) -> list[str]:
+    """Replicate keys (seed) expand innermost, wherever the file lists them, so that the seeds of one
+    configuration are consecutive trials: they start together and per-configuration ASHA decides early.
+    A seed that a condition refers to keeps its place (the condition needs it first)."""
+    needed = {dep for p in parameters.values() for dep in (p.when or {})}
+    last = [k for k in order if k in REPLICATE_PARAMS and k not in needed]
+    return [k for k in order if k not in last] + last
 
 
 def _dependency_order(parameters: dict[str, Parameter]) -> list[str]:

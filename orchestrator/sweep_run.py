@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from gan.data import prepare_dataset
+from orchestrator.failures import DIVERGED, ENDED, ERROR  # every status not in ENDED is unfinished
 from orchestrator.live import LiveView
 from orchestrator.results import ResultsWriter
 from orchestrator.schema import Sweep
@@ -22,7 +23,6 @@ from orchestrator.storage import normalise as storage_uri, preflight, record as 
 from orchestrator.sweep_dir import SweepDir
 from orchestrator.tracking import check_trackers
 
-ENDED = ("completed", "stopped_early", "diverged", "error")  # every other status is unfinished
 # trial_id of a row that stands for a grid trial Tune had not created when the sweep was interrupted.
 PLACEHOLDER_PREFIX = "pending-"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -32,6 +32,14 @@ TUNE_STOP_MESSAGES = ("Stop signal received", "Experiment has been interrupted",
 # Tune's complaint, at the end and on --resume, about trials that never started: the tables list them.
 TUNE_NOISE = ("Failed to fetch metrics",)
 TUNE_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+
+class SweepErrors(Exception):
+    """The sweep ended, and some of its trials ended in `error` (infrastructure: they measured nothing)."""
+
+    def __init__(self, errored: int, total: int):
+        super().__init__(f"{errored} of {total} trials ended in error")
+        self.errored, self.total = errored, total
 
 
 class SweepInterrupted(Exception):
@@ -92,6 +100,9 @@ class StopSignals(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if message.startswith(TUNE_NOISE):
+            return False
+        # Errored trials: the closing lines name each one and its error file, without Tune's traceback.
+        if message.startswith("Trials did not complete"):
             return False
         return self.signum is None or not message.startswith(TUNE_STOP_MESSAGES)
 
@@ -163,11 +174,25 @@ def _run(sweep: Sweep, sweep_dir: SweepDir, dataset, results: Path, *, address: 
         unfinished = total = total_trials(sweep)
     if unfinished:
         raise SweepInterrupted(stop.signum, unfinished, total, resumable)
-    console.print(
-        f"done: {sweep_dir.path / 'trials.parquet'}; rank with "
-        f"`orchestrator leaderboard --results {results} --sweep {sweep.name}`"
-    )
-    return sweep_dir.path
+    rows = list(_writer(sweep, sweep_dir).trials.values())
+    errored = sorted((r for r in rows if r.get("status") == ERROR), key=lambda r: r["trial_id"])
+    diverged = sum(r.get("status") == DIVERGED for r in rows)
+    counts = f"{total} trials" + (f", {diverged} diverged" if diverged else "")
+    rank = f"rank with `orchestrator leaderboard --results {results} --sweep {sweep.name}`"
+    if not errored:
+        console.print(f"done: {counts}: {sweep_dir.path / 'trials.parquet'}; {rank}")
+        return sweep_dir.path
+    console.print(f"done with errors: {len(errored)} of {total} trials ended in error"
+                  + (f" ({diverged} diverged)" if diverged else "") + f": {sweep_dir.path / 'trials.parquet'}")
+    from orchestrator.runner import ERROR_FILE, parameter_columns
+
+    for row in errored:
+        params = " ".join(f"{c}={row.get(c)}" for c in parameter_columns(sweep) if row.get(c) is not None)
+        reason = (row.get("reason") or "").strip().splitlines()
+        error_file = sweep_dir.path / "trials" / row["trial_id"] / ERROR_FILE
+        console.print(f"  {row['trial_id']} {params}: {reason[-1] if reason else 'no reason recorded'} ({error_file})",
+                      markup=False, highlight=False)
+    raise SweepErrors(len(errored), total)
 
 
 def _writer(sweep: Sweep, sweep_dir: SweepDir) -> ResultsWriter:

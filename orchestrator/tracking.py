@@ -91,7 +91,8 @@ def logged_params(sweep, params: dict[str, Any]) -> dict[str, Any]:
 
 
 # What train_trial reports besides an evaluation: its last word on a trial that diverged or ran out of memory.
-_TERMINAL_KEYS = ("kimg", "fid", "diverged", "error", "reason")
+# Its metric (whichever the sweep ranks by) is the failure policy's sentinel, and its last good value is not news.
+_TERMINAL_KEYS = ("kimg", "fid", "is_mean", "kid_mean", "diverged", "error", "reason")
 
 
 def tracked_result(result: dict[str, Any]) -> dict[str, Any] | None:
@@ -106,7 +107,7 @@ def tracked_result(result: dict[str, Any]) -> dict[str, Any] | None:
         return dict(result)
     status = "diverged" if result.get("diverged") else "error"
     reason = str(result.get("reason") or result.get("error") or "")
-    kept = {k: v for k, v in result.items() if k not in _TERMINAL_KEYS}
+    kept = {k: v for k, v in result.items() if k not in _TERMINAL_KEYS and not k.startswith("last_good_")}
     return {**kept, "status": status, "reason": reason}
 
 

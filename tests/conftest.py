@@ -22,3 +22,14 @@ def anime_subset(tmp_path_factory) -> Path:
     for src in sorted(ANIME_FACES.glob("*.jpg"))[:300]:
         (folder / src.name).symlink_to(src)
     return folder
+
+
+# hypothesis: no deadline (2 shared cores make timings noisy); in CI, derandomised so a run is repeatable.
+try:
+    from hypothesis import settings
+
+    settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+    settings.register_profile("dev", deadline=None)
+    settings.load_profile("ci" if os.environ.get("CI") else "dev")
+except ImportError:  # hypothesis is in the test extra; the suite still collects without it
+    pass

@@ -233,12 +233,23 @@ def fault_sweep(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sweep_finishes_despite_failing_trials(fault_sweep):
-    assert fault_sweep.returncode == 0, fault_sweep.log[-3000:]
+def test_sweep_finishes_despite_failing_trials_and_says_which_errored(fault_sweep):
+    """Errors are infrastructure (missing results): exit 1, one line per errored trial, no traceback.
+    A diverged trial is a result: it is counted, not an error."""
+    assert fault_sweep.returncode == 1, fault_sweep.log[-3000:]
     assert len(fault_sweep.trials) == 4
     statuses = {kind: row["status"] for kind, row in fault_sweep.by_kind.items()}
     assert statuses == {"healthy": "completed", "diverging": "diverged", "out_of_memory": "error",
                         "crashing": "error"}
+    log = fault_sweep.log
+    assert "done with errors: 2 of 4 trials ended in error (1 diverged)" in log, log[-3000:]
+    assert "Traceback" not in log and "\ndone:" not in log, log[-6000:]
+    for kind in ("out_of_memory", "crashing"):
+        row = fault_sweep.by_kind[kind]
+        error_file = fault_sweep.dir / "trials" / row["trial_id"] / "error.txt"
+        line = next(li for li in log.splitlines() if li.strip().startswith(row["trial_id"]))
+        assert str(error_file) in line and row["reason"].splitlines()[-1] in line and "lr_d=" in line
+        assert error_file.is_file()
 
 
 @pytest.mark.slow
@@ -250,7 +261,8 @@ def test_diverged_trial_is_recorded_and_scheduler_saw_a_finite_value(fault_sweep
     assert not [r for r in fault_sweep.evaluations if r["trial_id"] == row["trial_id"]]
     tune_results = (tune_trial_dir(fault_sweep.dir, row["trial_id"]) / "result.json").read_text().splitlines()
     last = json.loads(tune_results[-1])
-    assert last["diverged"] is True and last["fid"] == 1e6  # what ASHA ranked it by, as the README says
+    assert last["diverged"] is True and last["fid"] == 1e6  # what ASHA ranked it by, as the docs say
+    assert "last_good_fid" not in last  # it diverged before any evaluation: no last good value
 
 
 @pytest.mark.slow
@@ -267,6 +279,9 @@ def test_crashing_trial_is_retried_then_recorded_with_its_error(fault_sweep):
     assert row["reason"] == "ValueError: training split has 240 images, fewer than batch_size=1000"
     errors = (tune_trial_dir(fault_sweep.dir, row["trial_id"]) / "error.txt").read_text()
     assert "Failure # 2" in errors  # the first attempt and max_failures = 1 retry
+    # The whole traceback is kept beside the trial's run directory; the table keeps its last line.
+    ours = (fault_sweep.dir / "trials" / row["trial_id"] / "error.txt").read_text()
+    assert "Traceback" in ours and ours.rstrip().endswith(row["reason"])
 
 
 @pytest.mark.slow
@@ -591,3 +606,41 @@ def test_checkpoint_carrying_code_is_refused_on_resume(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         training_loop(tiny_config(), tmp_path / "run", resume_from=evil)
     assert not marker.exists()
+
+
+ALL_ERROR_SWEEP = """\
+name: no-cuda
+data: {synthetic_count: 300}
+model: {g_widths: [16, 8, 8, 8], d_widths: [8, 8, 16, 16]}
+train: {kimg: 0.5, batch_size: 25, device: cuda}
+eval: {every_kimg: 0.25, fid_samples: 64, final_fid_samples: 64, extractor: tiny-conv, grid_size: 2}
+parameters: {seed: {values: [0, 1]}}
+resources: {cpu: 1}
+max_failures: 2
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_all_error_sweep_exits_1_and_names_each_trial_without_a_traceback(tmp_path, tmp_path_factory):
+    """`train.device: cuda` where there is none: every trial is an error (not retried, never a silent CPU
+    run), the sweep says so and exits 1."""
+    (tmp_path / "no-cuda.yaml").write_text(ALL_ERROR_SWEEP)
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(tmp_path / "no-cuda.yaml"),
+                           "--results", str(tmp_path / "results")], capture_output=True, text=True,
+                          env=cli_env(tmp_path_factory), timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-4000:]
+    assert "done with errors: 2 of 2 trials ended in error" in proc.stdout, output[-4000:]
+    assert "Traceback" not in output and "\ndone:" not in output, output[-4000:]
+    sweep_dir = tmp_path / "results" / "no-cuda"
+    trials = rows(sweep_dir / TRIALS_FILE)
+    assert [t["status"] for t in trials] == ["error", "error"]
+    for t in trials:
+        assert t["reason"].startswith("no usable CUDA for cuda: torch ") and "driver" in t["reason"]
+        assert t["device_used"] is None and t["evaluations"] == 0
+        line = next(li for li in proc.stdout.splitlines() if li.strip().startswith(t["trial_id"]))
+        assert f"seed={t['seed']}" in line and t["reason"] in line
+        assert (sweep_dir / "trials" / t["trial_id"] / "error.txt").read_text().strip() == t["reason"]
+        # Not retried under max_failures: Tune saw no exception at all.
+        assert not (tune_trial_dir(sweep_dir, t["trial_id"]) / "error.txt").exists()

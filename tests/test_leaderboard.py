@@ -203,3 +203,79 @@ def test_bad_leaderboard_flags_exit_2_with_one_line(tmp_path):
         proc = subprocess.run([*CLI, "leaderboard", "--results", str(tmp_path / "results"), *flags], cwd=REPO,
                               capture_output=True, text=True)
         assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---- the failure policy -------------------------------------------------------------------------------
+
+
+def _no_non_finite(text: str) -> None:
+    lowered = text.lower()
+    assert "nan" not in lowered.replace("nanos", "") and "infinity" not in lowered and " inf" not in lowered
+
+
+def test_a_group_with_most_seeds_diverged_is_never_ranked_on_its_survivor(tmp_path):
+    """Survivor bias: a's one survivor (20) beats b, but 2 of its 3 seeds diverged: its key is +inf."""
+    sweep_dir = write_sweep(tmp_path, [
+        trial("a", 0, 20.0), trial("a", 1, None, "diverged", kimg=1.0, reason="non-finite loss"),
+        trial("a", 2, None, "diverged", kimg=2.0, reason="non-finite loss"),
+        trial("b", 0, 30.0), trial("b", 1, 31.0), trial("b", 2, 32.0),
+        trial("c", 0, 22.0), trial("c", 1, None, "diverged", kimg=1.0), trial("c", 2, 26.0),
+        trial("d", 0, 19.0), trial("d", 1, None, "diverged", kimg=1.0),  # exactly half: infinite too
+    ])
+    board = build_board(sweep_dir, group_by=["variant"])
+    g = groups(board)
+    assert [(r["variant"], r["rank"]) for r in board.rows] == [("c", 1), ("b", 2), ("a", None), ("d", None)]
+    assert g["c"]["final_fid_median"] == 26.0  # median of 22, 26 and +inf
+    assert g["c"]["final_fid_mean"] == 24.0 and g["c"]["n_diverged"] == 1  # the mean stays over completed
+    assert g["a"]["final_fid_median"] is None and "diverged on 2 of 3" in g["a"]["unranked_reason"]
+    assert g["a"]["final_fid_mean"] == 20.0
+    table = sections(board, ["variant"], ["g_widths", "seed", "variant"])[0]
+    assert "completed and diverged trials" in table.title
+    cells = {row[1]: row for row in table.rows}
+    assert any("(2 of 3 diverged)" in c for c in cells["a"]) and any("unranked" in c for c in cells["a"])
+    assert any("(1 of 3 diverged)" in c for c in cells["c"])
+
+    excluded = build_board(sweep_dir, group_by=["variant"], failures="exclude")
+    assert [(r["variant"], r["rank"]) for r in excluded.rows] == [("d", 1), ("a", 2), ("c", 3), ("b", 4)]
+    assert "completed trials only" in sections(excluded, ["variant"], ["variant"])[0].title
+
+
+def test_errored_stopped_and_unfinished_trials_are_left_out_of_the_key_and_counted(tmp_path):
+    sweep_dir = write_sweep(tmp_path, [
+        trial("a", 0, 30.0), trial("a", 1, None, "error", kimg=0.0, reason="no usable CUDA"),
+        trial("a", 2, None, "stopped_early", kimg=1.0, stopped_at_kimg=1.0, stopped_metric=50.0),
+        trial("a", 3, None, "interrupted", kimg=1.0),
+        trial("b", 0, 31.0), trial("b", 1, 33.0),
+    ])
+    g = groups(build_board(sweep_dir, group_by=["variant"]))
+    assert g["a"]["rank"] == 1 and g["a"]["final_fid_median"] == 30.0
+    assert (g["a"]["n"], g["a"]["n_error"], g["a"]["n_stopped_early"], g["a"]["n_unfinished"]) == (4, 1, 1, 1)
+    assert g["b"]["rank"] == 2 and g["b"]["final_fid_median"] == 32.0
+
+
+def test_exports_hold_no_nan_or_infinity(tmp_path):
+    sweep_dir = write_sweep(tmp_path, [
+        trial("a", 0, 20.0), trial("a", 1, None, "diverged", kimg=1.0, best_fid=float("nan")),
+        trial("b", 0, 30.0), trial("b", 1, 31.0),
+    ])
+    for args in ([], ["--group-by", "variant"], ["--group-by", "variant", "--baseline", "variant=b"]):
+        for fmt in ("json", "csv", "latex", "markdown"):
+            proc = subprocess.run([*CLI, "leaderboard", "--results", str(tmp_path / "results"), *args,
+                                   "--format", fmt], capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
+            _no_non_finite(proc.stdout)
+            if fmt == "json":
+                json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    import pyarrow.parquet as pq
+
+    stored = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert next(t for t in stored if t["trial_id"] == "a-1")["best_fid"] is None  # NaN is stored as null
+
+
+def test_failures_flag_is_checked(tmp_path):
+    sweep_dir = write_sweep(tmp_path, [trial("a", 0, 20.0)])
+    with pytest.raises(LeaderboardError, match="--failures sometimes"):
+        build_board(sweep_dir, group_by=["variant"], failures="sometimes")
+    proc = subprocess.run([*CLI, "leaderboard", "--results", str(tmp_path / "results"), "--failures", "sometimes"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -116,13 +116,17 @@ def test_header_names_sweep_statuses_data_and_warns_about_tiny_conv(report):
 def test_grouped_leaderboard_has_variant_means_with_95_ci_then_ranked_trials(report):
     page = report.read_text()
     groups = page[page.index('<table class="groups">'):page.index('<table class="trials">')]
-    # final FIDs 50 and 60: mean ± t(0.975, 1) * 5 = ± 63.53; dcgan has one completed trial (80)
+    # final FIDs 50 and 60: median 55, mean ± t(0.975, 1) * 5 = ± 63.53. dcgan has one completed trial (80)
+    # and one diverged: half its key's trials diverged, so it is listed unranked, its mean beside the count.
     rows = re.findall(r"<tr[^>]*>(.*?)</tr>", groups.split("<tbody>")[1])
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows]
-    assert [c[:8] for c in cells] == [
-        ["1", "use-gan", "3", "2", "1", "0", "0", "55.00 ± 63.53"],
-        ["2", "dcgan", "3", "1", "1", "1", "0", "80.00 (n=1)"],
+    assert [c[:9] for c in cells] == [
+        ["1", "use-gan", "3", "2", "1", "0", "0", "55.00", "55.00 ± 63.53"],
+        ["-", "dcgan", "3", "1", "1", "1", "0",
+         "unranked: diverged on 1 of 2 trials (half or more: its median is the worst outcome)",
+         "80.00 (n=1) (1 of 3 diverged)"],
     ]
+    assert "over completed and diverged trials" in groups
     assert "final FID at 80 kimg, 256 generated images" in groups
     trials = page[page.index('<table class="trials">'):]
     ranked_ids = re.findall(r"<tr[^>]*><td[^>]*>\d+</td><td>(t\d)</td>", trials)
@@ -159,7 +163,7 @@ def test_default_grouping_falls_back_to_generator_widths(tmp_path):
     one_variant = {t: ("dcgan", *rest[1:]) for t, rest in TRIALS.items()}
     widths = {"t0": "64-32-16", "t1": "64-32-16", "t2": "64-32-16", "t3": "32-16-8", "t4": "32-16-8", "t5": "32-16-8"}
     page = write_report(build_sweep(tmp_path, one_variant, widths), tmp_path / "out" / "r.html").read_text()
-    assert "<h3>By g_widths: mean" in page
+    assert "<h3>By g_widths: ranked on the median final FID" in page
     assert "<td>32-16-8</td><td>3</td>" in page
 
 

@@ -58,7 +58,7 @@ def params_of(config):
 def config_asha(tmp_path, **kw) -> ConfigASHA:
     s = ConfigASHA(str(tmp_path / "scheduler.json"), time_attr="kimg", trial_params=params_of,
                    max_t=kw.get("max_t", 4.0), grace_period=kw.get("grace_period", 1.0),
-                   reduction_factor=kw.get("reduction_factor", 2.0))
+                   reduction_factor=kw.get("reduction_factor", 2.0), expected_seeds=kw.get("expected_seeds"))
     s.set_search_properties("fid", "min")
     return s
 
@@ -127,15 +127,55 @@ def test_a_seed_ahead_of_an_open_decision_keeps_training_and_stops_with_its_conf
     assert s.stop_info("x0") == s.stop_info("x1") == (1.0, 42.0)  # the finished seed is recorded as stopped too
 
 
-def test_a_diverged_seed_is_not_waited_for(tmp_path):
+def test_a_diverged_seed_is_not_waited_for_and_counts_as_the_worst_value(tmp_path):
+    """No survivor bias: the configuration is judged on both seeds, the diverged one as the sentinel."""
     s = config_asha(tmp_path)
     c = FakeController(s)
     a0, a1 = c.add("a0", variant="a", seed=0), c.add("a1", variant="a", seed=1)
     assert c.report(a0, 1.0, 20.0) == CONTINUE
-    c.report(a1, 0.5, 1e6, diverged=True)  # ends by itself; its 1e6 judges nothing
+    c.report(a1, 0.5, 35.0, diverged=True)  # its last good FID is not credited
     s.on_trial_complete(c, a1, {})
-    assert s.decided[config_key({"variant": "a"})]["1.0"] == "continue"
-    assert s.means["1.0"][config_key({"variant": "a"})] == -20.0
+    a = config_key({"variant": "a"})
+    assert s.decided[a]["1.0"] == "stop"  # first at the rung, yet stopped: a diverged seed is never kept
+    assert s.means["1.0"][a] == -(20.0 + 1e6) / 2
+    assert s.decisions[a]["1.0"]["diverged"] == ["a1"]
+    assert s.stop_info("a0") == (1.0, (20.0 + 1e6) / 2)
+
+
+def test_a_nan_metric_counts_as_diverged(tmp_path):
+    s = config_asha(tmp_path)
+    c = FakeController(s)
+    a0, a1 = c.add("a0", variant="a", seed=0), c.add("a1", variant="a", seed=1)
+    c.report(a0, 1.0, 20.0)
+    assert c.report(a1, 1.0, float("nan")) == STOP  # NaN < cutoff is never true: it must not slip through
+    assert s.decisions[config_key({"variant": "a"})]["1.0"]["diverged"] == ["a1"]
+
+
+def test_an_errored_seed_is_left_out_and_named(tmp_path):
+    s = config_asha(tmp_path)
+    c = FakeController(s)
+    a0, a1 = c.add("a0", variant="a", seed=0), c.add("a1", variant="a", seed=1)
+    c.report(a0, 1.0, 20.0)
+    a1.status = Trial.RUNNING
+    s.on_trial_error(c, a1)  # a crash Tune does not retry
+    a = config_key({"variant": "a"})
+    assert s.decided[a]["1.0"] == "continue"
+    assert s.means["1.0"][a] == -20.0
+    assert s.decisions[a]["1.0"] == {"seeds": ["a0"], "diverged": [], "errored": ["a1"], "mean": 20.0,
+                                     "decision": "continue"}
+
+
+def test_a_decision_waits_for_seeds_tune_has_not_created(tmp_path):
+    """max_concurrent: Tune creates seeds lazily; the expansion says how many a configuration has."""
+    s = config_asha(tmp_path, expected_seeds={config_key({"variant": "a"}): 2, config_key({"variant": "b"}): 2})
+    c = FakeController(s)
+    a0 = c.add("a0", variant="a", seed=0)
+    assert c.report(a0, 1.0, 20.0) == CONTINUE
+    assert c.report(a0, 4.0, 18.0) == STOP  # its budget: it finished; the decision has not been taken
+    assert config_key({"variant": "a"}) not in s.means["1.0"]
+    a1 = c.add("a1", variant="a", seed=1)
+    assert c.report(a1, 1.0, 60.0) == CONTINUE  # now a is judged on both seeds: mean 40
+    assert s.means["1.0"][config_key({"variant": "a"})] == -40.0
 
 
 def test_paused_and_pending_seeds_of_a_culled_configuration_are_stopped(tmp_path):
@@ -214,3 +254,47 @@ def test_resume_makes_the_decisions_an_uninterrupted_run_makes(tmp_path, unit):
         assert _replay(rays_asha, events, None, tmp_path) == uninterrupted
         assert any(_replay(rays_asha, events, crash, tmp_path) != uninterrupted
                    for crash in range(1, len(events["results"])))
+
+
+def trial_asha(tmp_path) -> TrialASHA:
+    s = TrialASHA(str(tmp_path / "scheduler.json"), time_attr="kimg", max_t=4.0, grace_period=1.0,
+                  reduction_factor=2.0)
+    s.set_search_properties("fid", "min")
+    return s
+
+
+def test_trial_asha_records_the_sentinel_for_a_divergence_and_nothing_for_an_error(tmp_path):
+    """No stale credit: a diverged report's metric is the sentinel (its last good FID is under another key);
+    a NaN is a divergence; an error is missing, never a value at a rung."""
+    s = trial_asha(tmp_path)
+    c = FakeController(s)
+    good, nan, diverged, errored = (c.add(t, lr=i) for i, t in enumerate(("good", "nan", "diverged", "errored")))
+    c.report(good, 1.0, 30.0)
+    c.report(nan, 1.0, float("nan"))
+    c.report(diverged, 1.0, 1e6, diverged=True, last_good_fid=10.0)
+    c.report(errored, 1.0, 1e6, error="no usable CUDA")
+    rung = dict(next(r for m, r in s._brackets[0]._rungs if m == 1.0))
+    assert rung == {"good": -30.0, "nan": -1e6, "diverged": -1e6}
+
+
+def test_optuna_is_told_errors_as_failed_and_divergence_as_the_sentinel():
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.search import PolicyOptunaSearch
+
+    search = PolicyOptunaSearch(space={"lr": optuna.distributions.FloatDistribution(0.1, 1.0)}, metric="fid",
+                                mode="min", sampler=optuna.samplers.RandomSampler(seed=0))
+    assert isinstance(search, OptunaSearch)
+    for tid in ("ok", "diverged", "error", "nan"):
+        search.suggest(tid)
+    search.on_trial_result("ok", {"fid": 30.0, "training_iteration": 1})
+    search.on_trial_result("error", {"fid": 1e6, "error": "boom", "training_iteration": 1})  # not a value
+    search.on_trial_complete("ok", {"fid": 30.0})
+    search.on_trial_complete("diverged", {"fid": 1e6, "diverged": True, "last_good_fid": 5.0})
+    search.on_trial_complete("error", {"fid": 1e6, "error": "no usable CUDA"})
+    search.on_trial_complete("nan", {"fid": float("nan")})
+    told = {t.number: (t.state, t.value, t.intermediate_values) for t in search._ot_study.trials}
+    State = optuna.trial.TrialState
+    assert told == {0: (State.COMPLETE, 30.0, {1: 30.0}), 1: (State.COMPLETE, 1e6, {}),
+                    2: (State.FAIL, None, {}), 3: (State.FAIL, None, {})}

@@ -85,16 +85,26 @@ def test_conditional_parameter_only_multiplies_where_it_holds(tmp_path: Path):
     assert trials == load_sweep(write(tmp_path, HEADS_LIKE)).trials()  # deterministic order
 
 
+def test_seeds_expand_innermost_whatever_their_place_in_the_file(tmp_path: Path):
+    sweep = load_sweep(write(tmp_path, "name: r\nparameters:\n  seed: {values: [0, 1]}\n"
+                                       "  variant: {values: [dcgan, wgan]}\n  lr_d: {values: [0.001, 0.002]}\n"))
+    trials = sweep.trials()
+    assert [t["seed"] for t in trials] == [0, 1] * 4
+    assert [(t["variant"], t["lr_d"]) for t in trials[::2]] == [("dcgan", 0.001), ("dcgan", 0.002),
+                                                                ("wgan", 0.001), ("wgan", 0.002)]
+    assert list(trials[0]) == ["seed", "variant", "lr_d"]  # each trial's keys keep the file's order
+
+
 def test_grid_repeats_add_a_repeat_key(tmp_path: Path):
     once = load_sweep(write(tmp_path, "name: r\nparameters: {seed: {values: [0, 1]}}\n")).trials()
     assert once == [{"seed": 0}, {"seed": 1}]
     sweep = load_sweep(write(tmp_path, "name: r\nnum_samples: 3\ntrain: {seed: 7}\n"
                                        "parameters: {variant: {values: [dcgan, wgan]}}\n"))
     trials = sweep.trials()
-    assert [t["repeat"] for t in trials] == [0, 0, 1, 1, 2, 2]
+    assert [t["repeat"] for t in trials] == [0, 1, 2, 0, 1, 2]  # innermost: a configuration's seeds together
     # Repeats are seed replicates: each gets its own seed (train.seed + repeat), never a copy of repeat 0.
     seeds = [(t["variant"], sweep.trial_config(t).train.seed) for t in trials]
-    assert seeds == [("dcgan", 7), ("wgan", 7), ("dcgan", 8), ("wgan", 8), ("dcgan", 9), ("wgan", 9)]
+    assert seeds == [("dcgan", 7), ("dcgan", 8), ("dcgan", 9), ("wgan", 7), ("wgan", 8), ("wgan", 9)]
     assert len({json.dumps(t, sort_keys=True) for t in trials}) == len(trials)
     assert sweep.scheduler.unit is None  # fifo
     asha = load_sweep(write(tmp_path, "name: r\nnum_samples: 2\ntrain: {kimg: 40}\nscheduler: {type: asha}\n",

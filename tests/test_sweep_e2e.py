@@ -79,6 +79,41 @@ def test_config_asha_stops_every_seed_of_a_configuration_at_one_rung_on_their_me
     assert any(seeds[0]["status"] == "completed" for seeds in by_variant.values())
 
 
+@pytest.fixture(scope="module")
+def smoke_one_at_a_time(tmp_path_factory):
+    """The smoke sweep with `max_concurrent: 1`: Tune creates each seed only when the one before has ended."""
+    folder = tmp_path_factory.mktemp("smoke-serial")
+    text = (REPO / "sweeps" / "smoke.yaml").read_text()
+    assert "max_concurrent: null" in text
+    (folder / "smoke.yaml").write_text(text.replace("max_concurrent: null", "max_concurrent: 1"))
+    proc = subprocess.run([*CLI, "sweep", str(folder / "smoke.yaml"), "--results", str(folder / "r")],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder / "r" / "smoke"
+
+
+@pytest.mark.slow
+def test_config_asha_with_max_concurrent_1_decides_on_every_seed(smoke_one_at_a_time):
+    """Every decision waits for both seeds of a variant, though the second is created only after the first
+    ended: each cut's stopped_metric is the mean over all of the variant's seeds at the rung."""
+    sweep_dir = smoke_one_at_a_time
+    evals = pq.read_table(sweep_dir / "evaluations.parquet").to_pylist()
+    trials = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
+    assert len(trials) == 6 and {t["status"] for t in trials} <= {"completed", "stopped_early"}
+    cut = [t for t in trials if t["status"] == "stopped_early"]
+    assert cut, "ASHA cut no configuration"
+    for t in cut:
+        seeds = [s for s in trials if s["variant"] == t["variant"]]
+        assert len(seeds) == 2
+        at_rung = [min((e for e in evals if e["trial_id"] == s["trial_id"] and e["kimg"] >= t["stopped_at_kimg"]),
+                       key=lambda e: e["kimg"])["fid"] for s in seeds]
+        assert t["stopped_metric"] == pytest.approx(sum(at_rung) / 2)
+    state = json.loads((sweep_dir / "scheduler.json").read_text())
+    decisions = [d for rungs in state["decisions"].values() for d in rungs.values()]
+    assert decisions and all(len(d["seeds"]) == 2 and d["decision"] in ("continue", "stop") for d in decisions)
+    assert {t["device_used"] for t in trials} == {"cpu"}  # gpu: 0 means the CPU, and it is recorded
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True)
 
