@@ -27,8 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 import yaml
-
-from bench_train import REPO, device_name, markdown_table, run_metadata, write_results
+from bench_common import REPO, device_name, markdown_table, run_metadata, write_results
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "anime-faces-64"
 
@@ -83,7 +82,8 @@ def run_sweep(spec: dict, root: Path, dry_run: bool = False) -> tuple[float, Pat
     done = subprocess.run(command + (["--dry-run"] if dry_run else []), cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
+                           f"{done.stderr[-3000:]}")
     return seconds, root / "results" / spec["name"] / "trials.parquet"
 
 

@@ -4,14 +4,14 @@
 Measured on this machine's CPU (no training anywhere):
   data prepare      gan.data.prepare_dataset of --data into a temporary cache: cold (decode, dedup,
                     write cache) and cached (stat the files, load one .npy)
-  ray start         orchestrator.runner.start_ray (local Ray with dashboard), and ray.put of the
+  ray start         orchestrator.run.ray_start.start_ray (local Ray with dashboard), and ray.put of the
                     prepared dataset (what tune.with_parameters does once per sweep)
   per trial         Tuner.fit of --trials trivial trainables reporting once, one at a time:
                     wall time / trials = the start + stop cost of a trial
   per report        the same trials reporting --reports times: extra wall time / extra reports; with
                     a checkpoint: each report carries a fresh --checkpoint-mb MB directory (about a
                     width-512 DCGAN training checkpoint); compared with doing the same work without Ray
-  parquet row       orchestrator.results.ResultsWriter.add_evaluation (run by the driver-side callback
+  parquet row       orchestrator.store.tables.ResultsWriter.add_evaluation (run by the driver-side callback
                     on every report: it rewrites the table) with 100 and 1000 rows already present
 Trials run one at a time (max_concurrent_trials=1, 1 CPU each) so the costs do not overlap.
     python bench/bench_ray.py
@@ -27,16 +27,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_train import REPO, device_name, markdown_table, run_metadata, write_results
+import ray
+import torch
+from bench_common import REPO, device_name, markdown_table, run_metadata, write_results
+from ray import tune
 
-import ray  # noqa: E402
-import torch  # noqa: E402
-from ray import tune  # noqa: E402
-
-from gan.config import DataConfig  # noqa: E402
-from gan.data import prepare_dataset  # noqa: E402
-from orchestrator.results import ResultsWriter  # noqa: E402
-from orchestrator.runner import start_ray  # noqa: E402
+from gan.config import DataConfig
+from gan.data import prepare_dataset
+from orchestrator.run.ray_start import start_ray
+from orchestrator.store.tables import ResultsWriter
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "anime-faces-64"
 
@@ -147,10 +146,11 @@ def fit(args: argparse.Namespace, tmp: Path, *, reports: int, checkpoint_mb: flo
     name = f"r{reports}-c{checkpoint_mb:g}-{time.monotonic_ns()}"
     tuner = tune.Tuner(
         tune.with_resources(trivial_trainable, {"cpu": 1}),
-        param_space={"reports": reports, "checkpoint_mb": checkpoint_mb, "trial": tune.grid_search(list(range(args.trials)))},
+        param_space={"reports": reports, "checkpoint_mb": checkpoint_mb,
+                     "trial": tune.grid_search(list(range(args.trials)))},
         tune_config=tune.TuneConfig(metric="fid", mode="min", max_concurrent_trials=1),
         run_config=tune.RunConfig(name=name, storage_path=str(tmp / "tune"), verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),  # as orchestrator.runner
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),  # as orchestrator.run.tuner
     )
     start = time.perf_counter()
     results = tuner.fit()
@@ -171,7 +171,7 @@ def without_ray(args: argparse.Namespace, folder: Path) -> dict[str, float]:
         _ = {"kimg": float(i + 1), "fid": 100.0 - i, "loss_d": 0.5, "loss_g": 1.5, "images_per_s": 1e3}
     plain = time.perf_counter() - start
     start = time.perf_counter()
-    for i in range(n):
+    for _ in range(n):
         target = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=folder))
         (target / "checkpoint.pt").write_bytes(payload)
         shutil.rmtree(target)

@@ -36,7 +36,8 @@ def main() -> None:
         print("| kimg | kl | recon | loss_e | loss_g | loss_d |\n|---|---|---|---|---|---|")
         for line in (Path(run_dir) / "stats.jsonl").read_text().splitlines():
             m = json.loads(line)
-            print("| " + " | ".join(f"{m[k]:.3g}" for k in ("kimg", "kl", "recon", "loss_e", "loss_g", "loss_d")) + " |")
+            columns = ("kimg", "kl", "recon", "loss_e", "loss_g", "loss_d")
+            print("| " + " | ".join(f"{m[k]:.3g}" for k in columns) + " |")
 
 
 if __name__ == "__main__":

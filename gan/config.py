@@ -1,7 +1,7 @@
 """Plain-dataclass configuration of one training run (a "trial").
 
 Kept free of pydantic and Ray so that `gan` runs on machines that have only torch
-(the GPU benchmark box). `orchestrator.schema` validates sweep files with pydantic
+(the GPU benchmark box). `orchestrator.sweepfile` validates sweep files with pydantic
 and produces these objects.
 """
 from __future__ import annotations
@@ -65,7 +65,9 @@ class TrainConfig:
     # dcgan 512) fp32 with TF32 trained faster than bf16 autocast (8,854 vs 7,369 img/s); channels_last was slower.
     amp: bool = False  # bf16 autocast
     channels_last: bool = False
-    compile: bool = False  # torch.compile G and D (its own CUDA graphs: cuda_graph is then off)
+    # torch.compile G and D (default mode). With a CUDA graph the graph is captured around the compiled kernels
+    # (reduce-overhead if that capture fails); without one, the compiled kernels run without any CUDA graph.
+    compile: bool = False
     # One CUDA graph per iteration (BCE variants on CUDA; gan.step): auto | on | off. auto = off until a GPU
     # run of `bench/bench_train.py --check-graph` has shown graph and eager training agree.
     cuda_graph: str = "auto"
@@ -94,7 +96,7 @@ class TrialConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrialConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
         def build(kind, values):
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = set(values) - names
@@ -122,7 +124,7 @@ def variant_defaults(variant: str) -> dict[str, float]:
     return {"lr_d": 4e-4, "lr_g": 1e-4, "beta1": 0.5, "beta2": 0.999, "d_steps": 1}
 
 
-def optimiser_settings(variant: str, train: "TrainConfig") -> dict[str, float]:
+def optimiser_settings(variant: str, train: TrainConfig) -> dict[str, float]:
     """The effective lr_d, lr_g, beta1, beta2, d_steps: the trial's own value where set, else the variant's."""
     defaults = variant_defaults(variant)
     chosen = {k: getattr(train, k) if getattr(train, k) is not None else v for k, v in defaults.items()}

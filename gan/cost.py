@@ -5,7 +5,7 @@
 fused/capturable Adam, torch.compile, CUDA graph) and times real iterations on random uint8 images of the
 trial's shape: no dataset is prepared, so it takes seconds. `time_evaluation` times what an evaluation
 adds: generating samples and extracting their features (per image, so it scales linearly with the sample
-count) and the FID/IS statistics of those features (once per evaluation).
+count) and the FID/IS statistics of those features (once per evaluation, on the device, as the Evaluator does).
 
 The figures are what they say and no more: a laptop CPU does not predict a GPU, random images cost the
 same as real ones only because the models never look at their content, and nothing here includes data
@@ -27,8 +27,9 @@ import torch
 
 from gan.config import INCEPTION, TrialConfig, optimiser_settings
 from gan.models import Generator, init_weights
+from gan.precision import precision_state, restore_precision
 from gan.step import WARMUP_ITERATIONS, DeviceBatches
-from gan.training import build_trainer, pick_device, set_training_backends  # the loop's own construction and device choice
+from gan.training import build_trainer, pick_device, set_training_backends  # the loop's own construction
 
 EVAL_BATCH = 200  # gan.metrics.Evaluator's default batch: generation and extraction run in batches of this
 
@@ -83,8 +84,7 @@ def _like_a_trial(device: torch.device, threads: int | None) -> Iterator[None]:
     """The process-wide switches a trial runs with (training_loop's CUDA settings, the runner's thread
     count), restored afterwards."""
     saved_threads = torch.get_num_threads()
-    cudnn, matmul, conv = torch.backends.cudnn, torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = (cudnn.benchmark, matmul.fp32_precision, conv.fp32_precision)
+    saved_benchmark, saved_precision = torch.backends.cudnn.benchmark, precision_state()
     try:
         if threads is not None:
             torch.set_num_threads(max(1, int(threads)))
@@ -92,7 +92,8 @@ def _like_a_trial(device: torch.device, threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(saved_threads)
-        cudnn.benchmark, matmul.fp32_precision, conv.fp32_precision = saved
+        torch.backends.cudnn.benchmark = saved_benchmark
+        restore_precision(saved_precision)
 
 
 def _sync(device: torch.device) -> None:
@@ -199,15 +200,8 @@ def time_evaluation(cfg: TrialConfig, *, samples: int | None = None, threads: in
     once. Returns an unmeasured EvalCost with a note when the extractor is InceptionV3 and its weights are
     not on this machine.
     """
-    from gan.metrics import (
-        _extract,
-        _feature_layers,
-        _fid,
-        fid_features_to_statistics,
-        isc_features_to_metric,
-        kid_features_to_metric,
-        to_uint8,
-    )
+    from gan.frechet import feature_statistics
+    from gan.metrics import _extract, _feature_layers, score_features, to_uint8
 
     tc, mc, ec = cfg.train, cfg.model, cfg.eval
     device = pick_device(tc.device)
@@ -250,7 +244,8 @@ def time_evaluation(cfg: TrialConfig, *, samples: int | None = None, threads: in
         _extract(module, batches(min(EVAL_BATCH, samples) if cuda else 10), device)
         _sync(device)
         start = time.perf_counter()
-        features = _extract(module, batches(samples), device)  # ends with a copy to the CPU: synchronised
+        features = _extract(module, batches(samples), device)  # stays on the device
+        _sync(device)
         per_sample = (time.perf_counter() - start) / samples
         peak = None
         if cuda:
@@ -258,15 +253,16 @@ def time_evaluation(cfg: TrialConfig, *, samples: int | None = None, threads: in
             peak = max(0, torch.cuda.max_memory_allocated(device) - base) + extractor_bytes
 
         fake = features[fid_layer]
-        small = fid_features_to_statistics(fake[:, :8])  # warm-up: scipy's first call costs more than a whole FID
-        _fid(small, small)
-        isc_features_to_metric(features[isc_layer])
+        # warm-up: the first call of each linear-algebra routine (and on CUDA its library's load) costs more
+        small = {fid_layer: fake[:, :8], isc_layer: features[isc_layer]}
+        score_features(small, feature_statistics(fake[:, :8]), fid_layer, isc_layer)
+        # The real statistics with their square root, as the Evaluator caches them: per evaluation, only the
+        # generated side's statistics and the distance are computed (and IS, and KID against real features).
+        real = feature_statistics(fake).with_sqrt()
+        _sync(device)
         start = time.perf_counter()
-        stats = fid_features_to_statistics(fake)
-        _fid(stats, fid_features_to_statistics(fake))
-        isc_features_to_metric(features[isc_layer])
-        if ec.kid:
-            kid_features_to_metric(fake, fake, kid_subset_size=min(1000, len(fake)), verbose=False)
+        score_features(features, real, fid_layer, isc_layer,
+                       real_kid_features=fake.to("cpu", torch.float32) if ec.kid else None)
         fixed = time.perf_counter() - start
     return EvalCost(per_sample, fixed, samples, ec.extractor, peak)
 

@@ -93,7 +93,7 @@ class PreparedDataset:
         }
 
 
-def to_float(images: "torch.Tensor") -> "torch.Tensor":
+def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float in [-1, 1], the papers' (x - 0.5) / 0.5 on x in [0, 1]."""
     return images.float().div_(127.5).sub_(1.0)  # in place on the new float copy: one allocation
 
@@ -252,7 +252,7 @@ def _decode_folder(
     seen_digests: set[str] = set()
     kept: list[np.ndarray] = []
     files: list[str] = []
-    for (relative, _), (verdict, digest, pixels) in zip(candidates, results):
+    for (relative, _), (verdict, digest, pixels) in zip(candidates, results, strict=True):
         if verdict != "ok":
             stats[verdict] += 1
         elif digest in seen_digests:
@@ -357,7 +357,7 @@ def _write_cache(entry: Path, images: np.ndarray, stats: dict[str, int], files: 
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
         staging.chmod(0o755)  # mkdtemp makes it owner-only; a shared cache should stay readable
     except OSError as e:
-        warnings.warn(f"{entry.parent}: cannot write the data cache ({e}); continuing without it")
+        warnings.warn(f"{entry.parent}: cannot write the data cache ({e}); continuing without it", stacklevel=2)
         return
     try:
         np.save(staging / "images.npy", images)
@@ -370,6 +370,6 @@ def _write_cache(entry: Path, images: np.ndarray, stats: dict[str, int], files: 
                 raise
             # Another process (e.g. a parallel trial) finished the same entry first; theirs is identical.
     except OSError as e:
-        warnings.warn(f"{entry}: cannot write the data cache ({e}); continuing without it")
+        warnings.warn(f"{entry}: cannot write the data cache ({e}); continuing without it", stacklevel=2)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,14 +1,14 @@
 """FID / IS / KID of generator samples against a real split, computed with torch-fidelity.
 
-torch-fidelity supplies the feature extractors (through its registry) and the metric math;
+torch-fidelity supplies the feature extractors (through its registry) and the IS/KID math;
 this module adds what a sweep needs around them: in-memory generation instead of PNG files,
-real-split statistics cached on disk once per dataset/split/extractor weights, every
-extractor call in exact fp32 (no TF32), and a clear error when the InceptionV3 weights cannot
-be obtained offline.
+real-split statistics (and their covariance's square root) cached on disk once per
+dataset/split/extractor weights, every extractor call in exact fp32 (no TF32), FID computed in
+float64 on the evaluation device (gan.frechet; torch-fidelity's numpy version gives the same
+number on the CPU), and a clear error when the InceptionV3 weights cannot be obtained offline.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import http.client
@@ -17,7 +17,7 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity import __version__ as TORCH_FIDELITY_VERSION
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from gan.config import EXTRACTORS, INCEPTION, TINY_CONV
+from gan.frechet import GaussianStats, feature_statistics, frechet_distance
+from gan.precision import exact_float32
 
 WEIGHTS_ENV = "GAN_INCEPTION_WEIGHTS"
 KID_MAX_SUBSET = 1000
@@ -176,7 +177,7 @@ def extractor_identity(extractor: str, module: FeatureExtractorBase, weights_pat
     return _file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     """Hashed once per process (Inception's file is ~100 MB); size and mtime in the key catch a replaced file."""
     digest = hashlib.sha256()
@@ -202,41 +203,24 @@ def _build_downloading_weights(layers: list[str]) -> FeatureExtractorBase:
         socket.setdefaulttimeout(previous_timeout)
 
 
-# TF32 switches that reach an fp32 extractor on CUDA. torch's fp32_precision API: writes to the
-# legacy allow_tf32 flags land here too, so saving and restoring these keeps either kind of caller's setting.
-_TF32_SWITCHES = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
-
-
-@contextlib.contextmanager
-def exact_float32() -> Iterator[None]:
-    """No TF32 in matmuls and convolutions inside the block; the caller's settings come back after.
-
-    Every extractor call goes through this, so real statistics and samples are scored alike
-    whatever the training loop (or any other caller) switched on: FIDs compare across runs and machines.
-    """
-    saved = [switch.fp32_precision for switch in _TF32_SWITCHES]
-    try:
-        for switch in _TF32_SWITCHES:
-            switch.fp32_precision = "ieee"
-        yield
-    finally:
-        for switch, precision in zip(_TF32_SWITCHES, saved):
-            switch.fp32_precision = precision
-
-
 def _extract(
     module: FeatureExtractorBase,
     batches: Callable[[], Iterator[torch.Tensor]],
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Run the extractor over uint8 batches; features stay on device until one final CPU float64 copy."""
+    """Run the extractor over uint8 batches in exact fp32; the features stay on `device` (float32)."""
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in module.features_list}
     with torch.no_grad(), exact_float32():
         for images in batches():
             outputs = module(images.to(device, non_blocking=True))
-            for name, feature in zip(module.features_list, outputs):
+            for name, feature in zip(module.features_list, outputs, strict=True):
                 collected[name].append(feature)
-    return {name: torch.cat(parts).to("cpu", torch.float64) for name, parts in collected.items()}
+    return {name: torch.cat(parts) for name, parts in collected.items()}
+
+
+def _on_cpu(features: torch.Tensor) -> torch.Tensor:
+    """IS and KID run in torch-fidelity's own code, on CPU float64 copies, exactly as torch-fidelity scores."""
+    return features.to("cpu", torch.float64)
 
 
 def _array_batches(images: np.ndarray, batch_size: int) -> Callable[[], Iterator[torch.Tensor]]:
@@ -255,8 +239,31 @@ def _check_images(images: np.ndarray, what: str) -> None:
         raise ValueError(f"{what} needs at least 2 images for a covariance, got {len(images)}")
 
 
-def _fid(stats_a: dict[str, np.ndarray], stats_b: dict[str, np.ndarray]) -> float:
-    return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID])
+def score_features(
+    features: Mapping[str, torch.Tensor],
+    real_stats: GaussianStats,
+    fid_layer: str,
+    isc_layer: str,
+    *,
+    isc: bool = True,
+    real_kid_features: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """FID (float64, on the features' device) and optionally IS and KID (torch-fidelity's code, CPU) of
+    generated features against a real split; `real_kid_features` (its FID-layer features) asks for KID."""
+    fake = features[fid_layer]
+    result = {"fid": frechet_distance(real_stats, feature_statistics(fake))}
+    if isc:
+        scores = isc_features_to_metric(_on_cpu(features[isc_layer]))
+        result["is_mean"] = scores[KEY_METRIC_ISC_MEAN]
+        result["is_std"] = scores[KEY_METRIC_ISC_STD]
+    if real_kid_features is not None:
+        real = real_kid_features.to(torch.float64)
+        subset = min(KID_MAX_SUBSET, len(fake), len(real))
+        # generated first, as torch-fidelity orders input1/input2: the same random subsets, the same KID
+        scores = kid_features_to_metric(_on_cpu(fake), real, kid_subset_size=subset, verbose=False)
+        result["kid_mean"] = scores[KEY_METRIC_KID_MEAN]
+        result["kid_std"] = scores[KEY_METRIC_KID_STD]
+    return result
 
 
 def _safe_name(text: str) -> str:
@@ -308,9 +315,10 @@ def real_stats_path(
 class Evaluator:
     """Scores generator samples against one real split; build once per trial.
 
-    The real split's FID statistics (and, for KID, its features) are computed once per
-    dataset_key/split/image size/extractor weights/torch-fidelity version and cached under
-    <cache_dir>/fid-stats/.
+    The real split's FID statistics with their covariance's square root (and, for KID, its
+    features) are computed once per dataset_key/split/image size/extractor weights/torch-fidelity
+    version and cached under <cache_dir>/fid-stats/. They are held on `device` in float64, where
+    each evaluation's Fréchet distance is computed.
     """
 
     def __init__(
@@ -341,25 +349,36 @@ class Evaluator:
             weights_id=extractor_identity(extractor, self._module, weights_path),
         )
         self.features_path = self.stats_path.with_name(f"{self.stats_path.stem}-features.npy")
-        self._real_stats: dict[str, np.ndarray] = {}
+        self._real_stats: GaussianStats | None = None
         self._real_features: torch.Tensor | None = None
         self._load_or_compute_real(with_features=kid)
+
+    @property
+    def real_stats(self) -> GaussianStats:
+        """The real split's statistics (float64, on the evaluation device) with their square root."""
+        return self._real_stats
 
     def _load_or_compute_real(self, *, with_features: bool) -> None:
         if self.stats_path.is_file() and (not with_features or self.features_path.is_file()):
             with np.load(self.stats_path, allow_pickle=False) as stored:
-                self._real_stats = {"mu": stored["mu"], "sigma": stored["sigma"]}
+                self._real_stats = GaussianStats.from_numpy(stored, self.device)
+            if self._real_stats.sqrt_sigma is None:  # written before the square root was cached with them
+                self._save_real_stats()
             if with_features:
                 self._real_features = torch.from_numpy(np.load(self.features_path, allow_pickle=False))
             return
         features = _extract(self._module, _array_batches(self._real_images, self.batch_size), self.device)
         real = features[self._fid_layer]
-        self._real_stats = fid_features_to_statistics(real)
-        _atomic_write(self.stats_path, lambda f: np.savez(f, **self._real_stats))
+        self._real_stats = feature_statistics(real)
+        self._save_real_stats()
         if with_features:
             # float32 halves the file; kept float32 in memory too so KID is the same on cache hit and miss
-            self._real_features = real.to(torch.float32)
+            self._real_features = real.to("cpu", torch.float32)
             _atomic_write(self.features_path, lambda f: np.save(f, self._real_features.numpy()))
+
+    def _save_real_stats(self) -> None:
+        arrays = self._real_stats.with_sqrt().to_numpy()
+        _atomic_write(self.stats_path, lambda f: np.savez(f, **arrays))
 
     def evaluate(
         self,
@@ -388,23 +407,12 @@ class Evaluator:
                 remaining -= n
 
         features = _extract(self._module, batches, self.device)
-        fake = features[self._fid_layer]
-        result: dict[str, float | int | str] = {
-            "fid": _fid(self._real_stats, fid_features_to_statistics(fake)),
-        }
-        if isc:
-            scores = isc_features_to_metric(features[self._isc_layer])
-            result["is_mean"] = scores[KEY_METRIC_ISC_MEAN]
-            result["is_std"] = scores[KEY_METRIC_ISC_STD]
-        if kid:
-            if self._real_features is None:
-                self._load_or_compute_real(with_features=True)
-            real = self._real_features.to(torch.float64)
-            subset = min(KID_MAX_SUBSET, len(fake), len(real))
-            # generated first, as torch-fidelity orders input1/input2: the same random subsets, the same KID
-            scores = kid_features_to_metric(fake, real, kid_subset_size=subset, verbose=False)
-            result["kid_mean"] = scores[KEY_METRIC_KID_MEAN]
-            result["kid_std"] = scores[KEY_METRIC_KID_STD]
+        if kid and self._real_features is None:
+            self._load_or_compute_real(with_features=True)
+        result: dict[str, float | int | str] = dict(score_features(
+            features, self._real_stats, self._fid_layer, self._isc_layer, isc=isc,
+            real_kid_features=self._real_features if kid else None,
+        ))
         result["extractor"] = self.extractor
         result["fid_samples"] = num_samples
         result["eval_seconds"] = time.perf_counter() - start
@@ -427,7 +435,7 @@ def fid_between(
     module = build_extractor(extractor, weights_path=weights_path, device=device)
     fid_layer, _ = _feature_layers(extractor)
     stats = [
-        fid_features_to_statistics(_extract(module, _array_batches(images, batch_size), device)[fid_layer])
+        feature_statistics(_extract(module, _array_batches(images, batch_size), device)[fid_layer])
         for images in (images_a, images_b)
     ]
-    return _fid(*stats)
+    return frechet_distance(*stats)

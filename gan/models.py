@@ -38,6 +38,22 @@ class USE(nn.Module):
         return self.upsample(x * self.channel_weights(x))  # eq 3.3, then upsampling
 
 
+# Parameter names of CMHSA's Q, K and V convolutions before they became one `qkv` convolution (2026-11).
+LEGACY_QKV = ("query", "key", "value")
+
+
+def fuse_legacy_qkv(state_dict: dict[str, torch.Tensor], prefix: str) -> bool:
+    """In place: a CMHSA's separate query/key/value conv weights (old checkpoints) stacked into `qkv`'s, in
+    that order (its output channels are Q, then K, then V). True when there was anything to fuse."""
+    fused = False
+    for kind in ("weight", "bias"):
+        old = [f"{prefix}{name}.{kind}" for name in LEGACY_QKV]
+        if all(key in state_dict for key in old) and f"{prefix}qkv.{kind}" not in state_dict:
+            state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(key) for key in old])
+            fused = True
+    return fused
+
+
 class CMHSA(nn.Module):
     """Convolution-based multi-head self-attention over all H*W positions, with a residual (eqs 3.4-3.11)."""
 
@@ -49,15 +65,20 @@ class CMHSA(nn.Module):
         self.head_dim = channels // heads  # eq 3.4
         self.scale = 1.0 / math.sqrt(self.head_dim)  # eq 3.5
         self.dropout = dropout
-        self.query = nn.Conv2d(channels, channels, 1)  # eq 3.6
-        self.key = nn.Conv2d(channels, channels, 1)
-        self.value = nn.Conv2d(channels, channels, 1)
+        # Q, K and V of eq 3.6 as one 1x1 convolution: output channels [0, C) are Q, [C, 2C) K, [2C, 3C) V.
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out_proj = nn.Conv2d(channels, channels, 1)  # W in eq 3.11
 
-    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, heads, H*W, head_dim); reshape because t may be channels_last."""
-        b, _, h, w = t.shape
-        return t.reshape(b, self.heads, self.head_dim, h * w).transpose(2, 3)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fuse_legacy_qkv(state_dict, prefix)  # checkpoints written before the fusion load unchanged
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of eq 3.6 as (B, heads, H*W, head_dim), each contiguous, so with unit stride along head_dim
+        whatever x's memory format: flash, memory-efficient and cuDNN attention refuse anything else."""
+        b, _, h, w = x.shape
+        qkv = self.qkv(x).reshape(b, 3, self.heads, self.head_dim, h * w)  # a view in both memory formats
+        return qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)  # one copy for all three
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
@@ -66,16 +87,23 @@ class CMHSA(nn.Module):
 
         The returned weights are alpha of eq 3.8, i.e. before attention dropout.
         """
-        q, k, v = (self._split_heads(proj(x)) for proj in (self.query, self.key, self.value))
+        q, k, v = self.project(x)
         p = self.dropout if self.training else 0.0
         if return_attention:
             attn = torch.softmax(q @ k.transpose(2, 3) * self.scale, dim=-1)  # eqs 3.7-3.8
             out = F.dropout(attn, p) @ v  # eqs 3.9-3.10
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
-        out = out.transpose(2, 3).reshape(x.shape)  # back to (B, C, H, W)
-        y = self.out_proj(out) + x
+        y = self.out_proj(self._merge_heads(out, x)) + x
         return (y, attn) if return_attention else y
+
+    @staticmethod
+    def _merge_heads(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, heads, HW, head_dim) -> (B, C, H, W) in x's memory format (a mixed-format sum would copy)."""
+        b, c, h, w = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return out.permute(0, 2, 1, 3).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return out.transpose(2, 3).reshape(b, c, h, w)
 
 
 def _check_variant(variant: str) -> None:
@@ -120,7 +148,7 @@ class Generator(nn.Module):
 
         self.nz = cfg.nz
         layers: list[nn.Module] = []
-        for i, (width, resolution) in enumerate(zip(widths, resolutions)):
+        for i, (width, resolution) in enumerate(zip(widths, resolutions, strict=True)):
             if i == 0:
                 layers.append(nn.ConvTranspose2d(cfg.nz, width, 4, 1, 0, bias=False))  # 1x1 -> 4x4
             elif resolution == use_at:
@@ -142,7 +170,7 @@ def _conv_trunk(widths: tuple[int, ...], norm: str) -> nn.Sequential:
     if norm not in ("batch", "layer"):
         raise ValueError(f"unknown norm {norm!r}; valid: batch, layer")
     layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, 2, 1), nn.LeakyReLU(0.2)]
-    for in_ch, out_ch in zip(widths[:-1], widths[1:]):
+    for in_ch, out_ch in zip(widths[:-1], widths[1:], strict=False):
         # GroupNorm(1, C) normalises each sample on its own, as WGAN-GP's per-sample penalty requires.
         normalise = nn.BatchNorm2d(out_ch) if norm == "batch" else nn.GroupNorm(1, out_ch)
         layers += [nn.Conv2d(in_ch, out_ch, 4, 2, 1, bias=False), normalise, nn.LeakyReLU(0.2)]

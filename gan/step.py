@@ -3,12 +3,18 @@
 The same code runs eagerly or, for the BCE variants on CUDA, is captured once as a CUDA graph and
 replayed: the batch is gathered on the device from a device-resident permutation at a device-side
 position, the noise is drawn on the device, the losses are summed in place into fixed tensors, and
-the optimisers are Adam with `capturable=True`. Nothing in an iteration reads a value back to the
-host, so replaying the graph is the whole iteration: one launch instead of hundreds.
+the optimisers are Adam with `capturable=True` (only when a graph will be captured: `will_capture`).
+Nothing in an iteration reads a value back to the host, so replaying the graph is the whole iteration:
+one launch instead of hundreds. With `train.compile` the iteration runs through torch.compile'd modules
+(default mode) and the graph is captured around their kernels; if that capture fails, the modules are
+recompiled with `mode="reduce-overhead"` (torch's own per-module CUDA graphs) and the loop goes on without
+the whole-iteration graph.
 """
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,9 +27,11 @@ from gan.data import to_float
 GRAPH_VARIANTS = ("dcgan", "use-gan", "cmhsa-gan", "use-cmhsa-gan")  # wgan (double backward), vae-gan: eager
 GRAPH_MODES = ("auto", "on", "off")
 # `cuda_graph: auto` turns graphs on only once a GPU run of `bench/bench_train.py --check-graph` has shown
-# graph and eager training agree. No such run has been made yet, so auto means off (README, GPU speed).
+# graph and eager training agree. No such run has been made yet, so auto means off (bench/README.md).
 AUTO_GRAPH = False
 WARMUP_ITERATIONS = 3  # eager iterations before capture (cudnn autotuning, Adam's state); they train for real
+# torch warns once per optimiser when a capturable Adam steps outside a capture; the warm-up does so on purpose.
+UNCAPTURED_STEP_WARNING = r".*capturable=True.*running without .* graph capture.*"
 
 
 class GraphUnavailable(RuntimeError):
@@ -39,6 +47,18 @@ def graph_mode(value: Any) -> str:
     if value not in GRAPH_MODES:
         raise ValueError(f"cuda_graph must be auto, on or off, got {value!r}")
     return value
+
+
+def graph_wanted(variant: str, cuda_graph: Any) -> bool:
+    """Whether train.cuda_graph asks for a whole-iteration graph for this variant (whatever the device)."""
+    mode = graph_mode(cuda_graph)
+    return (mode == "on" or (mode == "auto" and AUTO_GRAPH)) and variant in GRAPH_VARIANTS
+
+
+def will_capture(variant: str, device: torch.device, cuda_graph: Any) -> bool:
+    """Whether a trial of this variant on this device with this train.cuda_graph will capture a graph: decided
+    before the optimisers are built, which need `capturable=True` exactly then (torch warns otherwise)."""
+    return graph_wanted(variant, cuda_graph) and device.type == "cuda" and torch.cuda.is_available()
 
 
 class DeviceBatches:
@@ -98,7 +118,8 @@ class TrainStep:
                  opt_g: torch.optim.Optimizer, batches: DeviceBatches, nz: int, d_steps: int,
                  gp_weight: float = 10.0, recon_weight: float = 1.0, kl_weight: float = 1.0,
                  amp: bool = False, memory_format: torch.memory_format = torch.contiguous_format,
-                 cuda_graph: str = "off", compiled: dict[str, nn.Module] | None = None):
+                 cuda_graph: str = "off", compiled: dict[str, nn.Module] | None = None,
+                 compile_fallback: Callable[[], dict[str, nn.Module]] | None = None):
         self.variant = variant
         self.G, self.D, self.E = models["G"], models["D"], models.get("E")
         nets = compiled or models  # training runs through (optionally) torch.compile'd wrappers
@@ -115,12 +136,15 @@ class TrainStep:
         self.counts: dict[str, int] = {}
         self.finite = torch.ones((), dtype=torch.bool, device=self.device)
         mode = graph_mode(cuda_graph)
-        self.want_graph = (mode == "on" or (mode == "auto" and AUTO_GRAPH)) and variant in GRAPH_VARIANTS
+        self.want_graph = graph_wanted(variant, mode)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_note = ""  # why the graph is not in use, when it was asked for
         self.iterations = 0
         self._per_replay: dict[str, int] = {}
         self._side = None
+        # Builds torch.compile(mode="reduce-overhead") wrappers, used if capturing the compiled modules fails.
+        self._compile_fallback = compile_fallback
+        self._mark_cudagraph_steps = False  # reduce-overhead wants each iteration marked as a new step
         if mode == "on" and variant not in GRAPH_VARIANTS:
             self.graph_note = f"cuda_graph: {variant} trains eagerly (graphs cover the BCE variants)"
 
@@ -137,7 +161,7 @@ class TrainStep:
                 for k, n in self._per_replay.items():
                     self.counts[k] += n
             else:  # an epoch ends inside this iteration (d_steps > 1): reshuffle between its batches
-                self._iterate()
+                self._uncaptured_iteration()
         elif self.want_graph and self.device.type == "cuda":
             self._warmup_iteration()
         else:
@@ -145,6 +169,8 @@ class TrainStep:
         self.iterations += 1
 
     def _iterate(self) -> None:
+        if self._mark_cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous iteration's outputs may be overwritten
         amp = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp,
                    cache_enabled=False if self.want_graph else None)
         Gc, Dc, Ec = self.Gc, self.Dc, self.Ec
@@ -196,19 +222,42 @@ class TrainStep:
             self._side = torch.cuda.Stream(self.device)
         self._side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._side):
-            self._iterate()
+            self._uncaptured_iteration()
         torch.cuda.current_stream(self.device).wait_stream(self._side)
+
+    def _uncaptured_iteration(self) -> None:
+        """An eager iteration of a trial that captures: its capturable Adam steps outside a capture on purpose."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=UNCAPTURED_STEP_WARNING, category=UserWarning)
+            self._iterate()
 
     def _try_capture(self) -> None:
         if self.batches.room() < self.d_steps:
             return  # capture where no reshuffle falls inside the captured iteration; try next time
         try:
             self.graph = self._capture()
-        except Exception as exc:  # never a crash: the trial says so once and trains eagerly
+        except Exception as exc:  # never a crash: the trial says so once and trains without the graph
             self.graph = None
             self.want_graph = False
-            self.graph_note = f"cuda_graph: capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); training eagerly"
+            self._stop_capturable_steps()
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if self._compile_fallback is not None:
+                compiled = self._compile_fallback()
+                self.Gc, self.Dc, self.Ec = compiled["G"], compiled["D"], compiled.get("E")
+                self._mark_cudagraph_steps = True
+                self.graph_note = (f"cuda_graph: capture failed ({reason}); torch.compile "
+                                   "mode=reduce-overhead (its own CUDA graphs) instead")
+            else:
+                self.graph_note = f"cuda_graph: capture failed ({reason}); training eagerly"
             print(f"warning: {self.graph_note}", file=sys.stderr, flush=True)
+
+    def _stop_capturable_steps(self) -> None:
+        """No graph will be captured: capturable only slows the update down now. Fused Adam keeps its step
+        count on the device either way, so switching the flag off mid-training changes no arithmetic."""
+        for opt in (self.opt_d, self.opt_g):
+            for group in opt.param_groups:
+                if group.get("fused"):
+                    group["capturable"] = False
 
     def _capture(self):
         graph, recording = self._new_graph()

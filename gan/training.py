@@ -11,9 +11,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision.utils
@@ -21,8 +22,9 @@ import torchvision.utils
 from gan.config import TrialConfig, optimiser_settings
 from gan.data import PreparedDataset, prepare_dataset
 from gan.metrics import Evaluator, to_uint8
-from gan.models import build_models
-from gan.step import DeviceBatches, TrainStep, graph_mode  # noqa: F401  (DeviceBatches: re-exported)
+from gan.models import LEGACY_QKV, build_models
+from gan.precision import set_tf32
+from gan.step import DeviceBatches, TrainStep, will_capture  # noqa: F401  (DeviceBatches: re-exported)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 GRID_NOISE_SEED = 20_240_601  # the same grid noise for every trial, so grids compare like for like
@@ -54,10 +56,9 @@ def set_training_backends(device: torch.device) -> None:
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True
-    # torch's fp32_precision API only: mixing it with the legacy allow_tf32 flags is an error in torch
-    # >= 2.10, and gan.metrics switches TF32 off around the feature extractor with the same API.
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    # Through gan.precision, as gan.metrics switches TF32 off around the feature extractor: one API keeps
+    # torch.get_float32_matmul_precision() readable, which Inductor's max-autotune needs.
+    set_tf32(True)
 
 
 @dataclass
@@ -79,18 +80,25 @@ def build_trainer(cfg: TrialConfig, device: torch.device, batches: DeviceBatches
         m.to(device=device, memory_format=memory_format)
         m.train()  # once: evaluation switches G to eval() and back
     G, D, E = models["G"], models["D"], models.get("E")
-    step_graph = graph_mode(tc.cuda_graph) if not (tc.compile and cuda) else "off"  # compile: its own graphs
+    capture = will_capture(mc.variant, device, tc.cuda_graph)
     # Fused Adam: one kernel per step instead of one per parameter. capturable keeps its step count on the
-    # device, so a CUDA graph can replay the update.
-    adam = dict(betas=(opt["beta1"], opt["beta2"]), fused=cuda, capturable=cuda and step_graph != "off")
+    # device so a CUDA graph can replay the update; only when one will be captured (it costs otherwise).
+    adam = dict(betas=(opt["beta1"], opt["beta2"]), fused=cuda, capturable=capture)
     opt_d = torch.optim.Adam(D.parameters(), lr=opt["lr_d"], **adam)
     g_params = list(G.parameters()) + (list(E.parameters()) if E is not None else [])
     opt_g = torch.optim.Adam(g_params, lr=opt["lr_g"], **adam)
-    compiled = {k: torch.compile(m) for k, m in models.items()} if (tc.compile and cuda) else None
+    compiled, fallback = None, None
+    if tc.compile and cuda:
+        # The default mode makes no CUDA graphs of its own: the whole-iteration graph is captured around the
+        # compiled kernels. If that capture fails, reduce-overhead (torch's per-module graphs) takes over.
+        compiled = {k: torch.compile(m) for k, m in models.items()}
+        if capture:
+            fallback = lambda: {k: torch.compile(m, mode="reduce-overhead") for k, m in models.items()}  # noqa: E731
     step = TrainStep(
         variant=mc.variant, models=models, opt_d=opt_d, opt_g=opt_g, batches=batches, nz=mc.nz,
         d_steps=opt["d_steps"], gp_weight=tc.gp_weight, recon_weight=tc.recon_weight, kl_weight=tc.kl_weight,
-        amp=cuda and tc.amp, memory_format=memory_format, cuda_graph=step_graph, compiled=compiled,
+        amp=cuda and tc.amp, memory_format=memory_format, cuda_graph=tc.cuda_graph, compiled=compiled,
+        compile_fallback=fallback,
     )
     return Trainer(models, opt_d, opt_g, step)
 
@@ -176,10 +184,11 @@ def training_loop(
             grid = G(grid_z).float()
         if grid.std(dim=0).mean().item() <= COLLAPSE_RATIO * grid.abs().mean().item():
             return _diverged(state, "generator collapsed: every sample is the same image")
-        torchvision.utils.save_image((grid + 1) / 2, run_dir / "grids" / f"grid-kimg{kimg:09.3f}.png", nrow=ec.grid_size)
+        grid_path = run_dir / "grids" / f"grid-kimg{kimg:09.3f}.png"
+        torchvision.utils.save_image((grid + 1) / 2, grid_path, nrow=ec.grid_size)
         eval_gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + state["evals"])
 
-        def sample(n: int) -> torch.Tensor:
+        def sample(n: int, eval_gen: torch.Generator = eval_gen) -> torch.Tensor:
             z = torch.randn(n, mc.nz, device=device, generator=eval_gen)
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 return to_uint8(G(z).float())
@@ -204,11 +213,12 @@ def training_loop(
         if state["best_fid"] is None or metrics["fid"] < state["best_fid"]:
             state["best_fid"] = metrics["fid"]
         metrics["best_fid"] = state["best_fid"]
-        metrics["grid_path"] = str(run_dir / "grids" / f"grid-kimg{kimg:09.3f}.png")
+        metrics["grid_path"] = str(grid_path)
         state["last_metrics"] = metrics
         with open(run_dir / "stats.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        ckpt_dir = _save_checkpoint(Path(checkpoint_dir or run_dir / "checkpoint"), cfg, models, opt_d, opt_g, batches, state)
+        ckpt_dir = _save_checkpoint(Path(checkpoint_dir or run_dir / "checkpoint"), cfg, models, opt_d, opt_g,
+                                    batches, state)
         if report is not None:
             report(metrics, str(ckpt_dir))
         G.train()
@@ -254,15 +264,51 @@ def _save_checkpoint(final: Path, cfg, models, opt_d, opt_g, batches, state) -> 
 def _load_checkpoint(path: Path, models, opt_d, opt_g, batches, state, device) -> None:
     file = path / CHECKPOINT_FILE if path.is_dir() else path
     payload = torch.load(file, map_location=device, weights_only=True)  # never unpickles code
+    legacy = any(key.endswith(f".{LEGACY_QKV[0]}.weight") for key in payload["models"]["G"])
     for name, m in models.items():
-        m.load_state_dict(payload["models"][name])
+        m.load_state_dict(payload["models"][name])  # CMHSA fuses a legacy layout's q/k/v itself
     opt_d.load_state_dict(payload["opt_d"])
-    opt_g.load_state_dict(payload["opt_g"])
+    opt_g_state = payload["opt_g"]
+    if legacy:
+        g_names = [f"{name}.{key}" for name in ("G", "E") if name in models
+                   for key, _ in models[name].named_parameters()]
+        opt_g_state = fuse_legacy_qkv_adam_state(opt_g_state, g_names)
+    opt_g.load_state_dict(opt_g_state)
     batches.load_state(payload["batches"])
     torch.set_rng_state(payload["torch_rng"].cpu())
     if payload["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in payload["cuda_rng"]])
     state.update(json.loads(payload["state"]))
+
+
+def fuse_legacy_qkv_adam_state(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An Adam state_dict saved when CMHSA had separate query/key/value convolutions, for the fused `qkv`
+    layout: `names` are the optimiser's parameters in order (current layout); each qkv weight (bias) gets
+    the legacy query, key and value moments stacked in that order, as `fuse_legacy_qkv` stacks the weights."""
+    legacy_names: list[str] = []
+    for name in names:  # legacy order: query.weight, query.bias, key.weight, ..., where qkv.weight, qkv.bias are
+        if name.endswith(".qkv.weight"):
+            stem = name[: -len("qkv.weight")]
+            legacy_names += [f"{stem}{part}.{kind}" for part in LEGACY_QKV for kind in ("weight", "bias")]
+        elif not name.endswith(".qkv.bias"):
+            legacy_names.append(name)
+    (group,) = state["param_groups"]  # build_trainer's optimisers have one group
+    if len(group["params"]) != len(legacy_names):
+        raise ValueError(f"optimiser state has {len(group['params'])} parameters; the legacy CMHSA layout of this "
+                         f"model has {len(legacy_names)}")
+    legacy_state = {legacy_names[i]: state["state"][index] for i, index in enumerate(group["params"])
+                    if index in state["state"]}
+    fused: dict[int, dict[str, Any]] = {}
+    for index, name in enumerate(names):
+        if name.endswith((".qkv.weight", ".qkv.bias")):
+            stem, kind = name.rsplit(".qkv.", 1)
+            parts = [legacy_state.get(f"{stem}.{part}.{kind}") for part in LEGACY_QKV]
+            if all(parts):
+                fused[index] = {"step": parts[0]["step"],
+                                **{k: torch.cat([p[k] for p in parts]) for k in ("exp_avg", "exp_avg_sq")}}
+        elif name in legacy_state:
+            fused[index] = legacy_state[name]
+    return {"state": fused, "param_groups": [{**group, "params": list(range(len(names)))}]}
 
 
 def load_trial_config(checkpoint: str | os.PathLike) -> TrialConfig:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -16,8 +15,9 @@ from rich.table import Table
 
 from gan.config import DataConfig
 from gan.data import DataError, prepare_dataset
-from orchestrator.leaderboard import LeaderboardError, find_sweep, load_trials
-from orchestrator.schema import SweepError, load_sweep
+from orchestrator.store.reader import ResultsError, find_sweep, load_trials
+from orchestrator.sweepfile.errors import SweepError
+from orchestrator.sweepfile.loading import load_sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sweeps of GAN architectures on Ray Tune: ASHA on FID, results in Parquet.")
@@ -31,15 +31,15 @@ DEFAULT_RESULTS = Path("results")
 
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(2) from None
 
 
 def user_errors():
     """The exception types whose message is a complete, user-facing sentence."""
-    from orchestrator.storage import StorageError
-    from orchestrator.sweep_dir import SweepDirError
+    from orchestrator.run.storage import StorageError
+    from orchestrator.store.sweep_dir import SweepDirError
 
-    errors = (SweepError, SweepDirError, DataError, LeaderboardError, StorageError)
+    errors = (SweepError, SweepDirError, DataError, ResultsError, StorageError)  # ResultsError: leaderboard's too
     # Importing gan.metrics costs seconds (torchvision, torch-fidelity); it can only have raised if imported.
     metrics = sys.modules.get("gan.metrics")
     return errors + (metrics.ExtractorUnavailable,) if metrics is not None else errors
@@ -49,7 +49,7 @@ def user_errors():
 def data_prepare(
     path: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
     size: int = typer.Option(64, "--size", help="Output side in pixels (centre crop, then resize)."),
-    min_side: Optional[int] = typer.Option(None, "--min-side", help="Drop images smaller than this (default: --size)."),
+    min_side: int | None = typer.Option(None, "--min-side", help="Drop images smaller than this (default: --size)."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the train/val/test split."),
 ) -> None:
     """Decode, deduplicate, filter and cache a folder of images; print what was found."""
@@ -66,19 +66,36 @@ def data_prepare(
 @app.command()
 def sweep(
     file: Path = typer.Argument(..., help="Sweep file (YAML)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Image folder; overrides the sweep's data.path."),
-    results: Path = typer.Option(DEFAULT_RESULTS, "--results", help="Results root; the sweep writes <results>/<name>/."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to join ('auto': the running one). Default: start a local Ray."),
+    data: str | None = typer.Option(None, "--data", help="Image folder; overrides the sweep's data.path."),
+    results: Path = typer.Option(DEFAULT_RESULTS, "--results", help=(
+        "Results root; the sweep writes <results>/<name>/."
+    )),
+    address: str | None = typer.Option(None, "--address", help=(
+        "Ray cluster to join ('auto': the running one). Default: start a local Ray."
+    )),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep of the same name and content."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Where Ray Tune keeps checkpoints and state: s3://..., gs://... or a path every node mounts. Default: <results>/<name>/tune."),
+    storage: str | None = typer.Option(None, "--storage", help=(
+        "Where Ray Tune keeps checkpoints and state: s3://..., gs://... or a path every node mounts. Default: "
+        "<results>/<name>/tune."
+    )),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the expanded trials; start nothing."),
-    estimate: bool = typer.Option(False, "--estimate", help="With --dry-run: time each distinct model here and print the images, device-hours (and ASHA's best case) and peak memory of the sweep."),
+    estimate: bool = typer.Option(False, "--estimate", help=(
+        "With --dry-run: time each distinct model here and print the images, device-hours (and ASHA's best "
+        "case) and peak memory of the sweep."
+    )),
 ) -> None:
     """Run a sweep on Ray Tune (local by default)."""
-    from orchestrator.sweep_run import SweepErrors, SweepInterrupted, run_sweep  # Ray only once the sweep runs
+    from orchestrator.workflow.sweep import (  # Ray only once the sweep runs
+        SweepErrors,
+        SweepInterrupted,
+        run_sweep,
+    )
 
     if estimate and not dry_run:  # explicit: `--estimate` alone must never be mistaken for a run
-        fail("--estimate needs --dry-run: `orchestrator sweep FILE --dry-run --estimate` times the models and runs nothing")
+        fail(
+            "--estimate needs --dry-run: `orchestrator sweep FILE --dry-run --estimate` times the models and runs "
+            "nothing"
+        )
     try:
         spec = load_sweep(file, data_override=data)
         for note in spec.warnings():
@@ -86,7 +103,10 @@ def sweep(
         if dry_run:
             print_trials(spec)
             if estimate:
-                from orchestrator.estimate import EstimateError, print_estimate  # torch: only when estimating
+                from orchestrator.workflow.estimate import (
+                    EstimateError,  # torch: only when estimating
+                )
+                from orchestrator.workflow.estimate_report import print_estimate
 
                 try:
                     print_estimate(spec, console)
@@ -97,37 +117,47 @@ def sweep(
     except user_errors() as exc:
         fail(str(exc))
     except SweepErrors:  # its closing lines named each errored trial: infrastructure failed, not a result
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     except SweepInterrupted as stop:
         again = rerun_command(file, data=data, results=results, address=address, storage=storage, resume=stop.resumable)
         typer.echo(
             f"interrupted: {stop.unfinished} of {stop.total} trials unfinished; "
-            f"{'continue' if stop.resumable else 'start it again'} with: {again}", err=True,
+            f"{'continue' if stop.resumable else 'start it again'} with: {again}",
+            err=True,
         )
-        raise typer.Exit(128 + stop.signum if stop.signum else 1)
+        raise typer.Exit(128 + stop.signum if stop.signum else 1) from None
     except KeyboardInterrupt:  # before the sweep's own signal handling was in place
         typer.echo("interrupted: nothing ran", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except ConnectionError as exc:
         if address is None:
             raise
-        from orchestrator.runner import RayUnreachable
+        from orchestrator.run.ray_start import RayUnreachable
 
-        auth = "" if isinstance(exc, RayUnreachable) else (
-            "; if it uses token authentication, export RAY_AUTH_MODE=token (Ray reads the token from "
-            "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+        auth = (
+            ""
+            if isinstance(exc, RayUnreachable)
+            else (
+                "; if it uses token authentication, export RAY_AUTH_MODE=token (Ray reads the token from "
+                "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+            )
         )
         fail(f"cannot join the Ray cluster at {address}: {exc}{auth}")
 
 
-def rerun_command(file: Path, *, data: Optional[str], results: Path, address: Optional[str], storage: Optional[str],
-                  resume: bool) -> str:
+def rerun_command(
+    file: Path, *, data: str | None, results: Path, address: str | None, storage: str | None, resume: bool
+) -> str:
     """The `orchestrator sweep` command line that continues (or restarts) this sweep with the same flags."""
     import shlex
 
     words = ["orchestrator", "sweep", str(file)] + (["--resume"] if resume else [])
-    for flag, value in (("--data", data), ("--results", results if results != DEFAULT_RESULTS else None),
-                        ("--address", address), ("--storage", storage)):
+    for flag, value in (
+        ("--data", data),
+        ("--results", results if results != DEFAULT_RESULTS else None),
+        ("--address", address),
+        ("--storage", storage),
+    ):
         if value is not None:
             words += [flag, str(value)]
     return shlex.join(words)
@@ -157,36 +187,52 @@ def scheduler_line(spec) -> str:
     s = spec.scheduler
     if s.type == "fifo":
         return "scheduler: fifo (every trial runs its whole budget)"
-    what = ("configurations, judged on the mean over their seeds (seeds stop together)" if s.unit == "config"
-            else "single trials")
-    return (f"scheduler: asha, unit {s.unit}: culls {what}; rungs from {s.grace_period:g} kimg, "
-            f"keep 1/{s.reduction_factor:g}, max_t {s.max_t:g}")
+    what = (
+        "configurations, judged on the mean over their seeds (seeds stop together)"
+        if s.unit == "config"
+        else "single trials"
+    )
+    return (
+        f"scheduler: asha, unit {s.unit}: culls {what}; rungs from {s.grace_period:g} kimg, "
+        f"keep 1/{s.reduction_factor:g}, max_t {s.max_t:g}"
+    )
 
 
 @app.command()
 def train(
     file: Path = typer.Argument(..., help="Sweep file (YAML)."),
     trial: int = typer.Option(..., "--trial", help="Which trial: its # in `orchestrator sweep FILE --dry-run`."),
-    data: Optional[str] = typer.Option(None, "--data", help="Image folder; overrides the sweep's data.path."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help="SECTION.KEY=VALUE (a YAML value), repeatable: override a fixed setting, e.g. train.kimg=2."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<sweep name>/trial-<N>)."),
+    data: str | None = typer.Option(None, "--data", help="Image folder; overrides the sweep's data.path."),
+    sets: list[str] | None = typer.Option(
+        None,
+        "--set",
+        help=("SECTION.KEY=VALUE (a YAML value), repeatable: override a fixed setting, e.g. train.kimg=2."),
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/<sweep name>/trial-<N>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/checkpoint."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default: the sweep's train.device)."),
+    device: str | None = typer.Option(
+        None, "--device", help=("auto | cpu | cuda | cuda:N (default: the sweep's train.device).")
+    ),
 ) -> None:
     """Run one trial of a sweep in this process, without Ray."""
-    from orchestrator.train_one import TrainError, TrainInterrupted, train_one  # torch: only when training
+    from orchestrator.workflow.train import (  # torch: only when training
+        TrainError,
+        TrainInterrupted,
+        train_one,
+    )
 
     try:
-        outcome = train_one(file, trial, data=data, sets=sets or [], out=out, resume=resume, device=device,
-                            console=console)
+        outcome = train_one(
+            file, trial, data=data, sets=sets or [], out=out, resume=resume, device=device, console=console
+        )
     except (TrainError, *user_errors()) as exc:
         fail(str(exc))
     except TrainInterrupted as stop:
         typer.echo(f"interrupted {stop}", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except KeyboardInterrupt:  # while the file and run directory were checked
         typer.echo("interrupted: nothing ran", err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     typer.echo(outcome.summary())
     if outcome.status != "completed":
         raise typer.Exit(1)  # diverged: the trial has no final FID
@@ -205,40 +251,100 @@ class Failures(str, Enum):
     exclude = "exclude"
 
 
-def split_columns(text: Optional[str]) -> Optional[list[str]]:
+class Interval(str, Enum):  # --ci: interval of a group's mean
+    t = "t"
+    bootstrap = "bootstrap"
+
+
+def split_columns(text: str | None) -> list[str] | None:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
 @app.command()
 def leaderboard(
     results: Path = typer.Option(DEFAULT_RESULTS, "--results", help="Results root."),
-    sweep_name: Optional[str] = typer.Option(None, "--sweep", help="Sweep name (needed when the root holds several)."),
-    group_by: Optional[str] = typer.Option(None, "--group-by", help="Comma-separated parameters, e.g. 'variant' or 'variant,g_widths'."),
-    top: Optional[int] = typer.Option(None, "--top", min=1, help="Show the best N rows (per block of comparable numbers)."),
-    at_kimg: Optional[float] = typer.Option(None, "--at-kimg", help="Compare every trial that reached an evaluation at this kimg, on that evaluation (default: the final FID)."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="KEY=VALUE: with --group-by, each group's FID difference to this group, 95% CI and p-value."),
+    sweep_name: str | None = typer.Option(None, "--sweep", help="Sweep name (needed when the root holds several)."),
+    group_by: str | None = typer.Option(
+        None, "--group-by", help=("Comma-separated parameters, e.g. 'variant' or 'variant,g_widths'.")
+    ),
+    top: int | None = typer.Option(
+        None, "--top", min=1, help=("Show the best N rows (per block of comparable numbers).")
+    ),
+    at_kimg: float | None = typer.Option(
+        None,
+        "--at-kimg",
+        help=(
+            "Compare every trial that reached an evaluation at this kimg, on that evaluation (default: the final FID)."
+        ),
+    ),
+    baseline: str | None = typer.Option(
+        None,
+        "--baseline",
+        help=("KEY=VALUE: with --group-by, each group's FID difference to this group, 95% CI and p-value."),
+    ),
     fmt: Format = typer.Option(Format.table, "--format", help="table | json | csv | markdown | latex"),
-    failures: Failures = typer.Option(Failures.include, "--failures", help="include: groups rank on the median over completed and diverged trials (a diverged trial counts as the worst); exclude: on completed trials only."),
+    failures: Failures = typer.Option(
+        Failures.include,
+        "--failures",
+        help=(
+            "include: groups rank on the median over completed and diverged trials (a diverged trial counts as "
+            "the worst); exclude: on completed trials only."
+        ),
+    ),
+    ci: Interval = typer.Option(
+        Interval.t, "--ci", help=(
+            "Interval of a group's mean: t (Student t, symmetric) or bootstrap (seeded percentile bootstrap, "
+            "10,000 resamples; final_fid_ci95_low/high)."
+        ),
+    ),
+    pool: bool = typer.Option(False, "--pool", help=(
+        "Let a group average over configurations that differ in a parameter outside --group-by (refused "
+        "otherwise)."
+    )),
+    save: Path | None = typer.Option(None, "--save", help=(
+        "Also write the table in every format and analysis.json (command, flags, captions, versions, the "
+        "sweep's fingerprint) into this directory."
+    )),
 ) -> None:
     """Trials ranked by final FID (or at --at-kimg), or groups with mean ± 95% CI over seeds."""
-    from orchestrator.board_format import as_csv, as_json, as_latex, as_markdown, sections
-    from orchestrator.leaderboard import build_board, parameter_names
+    import shlex
+
+    from orchestrator.analysis.formats import (
+        as_csv,
+        as_json,
+        as_latex,
+        as_markdown,
+        sections,
+    )
+    from orchestrator.analysis.leaderboard import build_board
+    from orchestrator.analysis.saved import save_board
+    from orchestrator.store.reader import parameter_names
 
     try:
         sweep_dir = find_sweep(results, sweep_name)
         by = split_columns(group_by)
-        board = build_board(sweep_dir, group_by=by, top=top, at_kimg=at_kimg, baseline=baseline,
-                            failures=failures.value)
+        board = build_board(
+            sweep_dir, group_by=by, top=top, at_kimg=at_kimg, baseline=baseline, failures=failures.value,
+            ci=ci.value, pool=pool,
+        )
         params = parameter_names(load_trials(sweep_dir))
+        secs = sections(board, by, params)
+        if save is not None:
+            flags = {"results": str(results), "sweep": sweep_name, "group_by": by, "top": top, "at_kimg": at_kimg,
+                     "baseline": baseline, "failures": failures.value, "ci": ci.value, "pool": pool,
+                     "format": fmt.value, "save": str(save)}
+            command = shlex.join(["orchestrator", *sys.argv[1:]])
+            save_board(save, board, secs, sweep_dir=sweep_dir, command=command, flags=flags)
     except user_errors() as exc:
         fail(str(exc))
     note = board.partial_note
     if fmt in (Format.json, Format.csv):
         sys.stdout.write(as_json(board) if fmt is Format.json else as_csv(board))
-        if note:  # stdout stays machine-readable
-            typer.echo(f"warning: {note}", err=True)
+        for warning in board.warnings:  # stdout stays machine-readable
+            typer.echo(f"warning: {warning}", err=True)
+        if save is not None:
+            typer.echo(f"saved: {save}", err=True)
         return
-    secs = sections(board, by, params)
     if fmt is Format.markdown:
         sys.stdout.write(as_markdown(secs, note))
     elif fmt is Format.latex:
@@ -253,25 +359,55 @@ def leaderboard(
             console.print(table)
         if note:
             console.print(f"[yellow]{note}[/]")
+    if save is not None:
+        typer.echo(f"saved: {save}", err=True)
 
 
 @app.command()
 def report(
     results: Path = typer.Option(DEFAULT_RESULTS, "--results", help="Results root."),
-    sweep_name: Optional[str] = typer.Option(None, "--sweep", help="Sweep name (needed when the root holds several)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default <results>/<name>/report.html)."),
-    group_by: Optional[str] = typer.Option(None, "--group-by", help="Comma-separated parameters to group the leaderboard by."),
+    sweep_name: str | None = typer.Option(None, "--sweep", help="Sweep name (needed when the root holds several)."),
+    out: Path | None = typer.Option(None, "--out", help="HTML file to write (default <results>/<name>/report.html)."),
+    group_by: str | None = typer.Option(
+        None, "--group-by", help=(
+            "Comma-separated parameters to group the leaderboard by (default: every swept parameter that "
+            "varies, other than seed and repeat)."
+        )
+    ),
     top: int = typer.Option(4, "--top", min=1, help="Show the sample grids of the best N trials."),
-    at_kimg: Optional[float] = typer.Option(None, "--at-kimg", help="Compare trials at this kimg instead of on the final FID."),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="KEY=VALUE: differences to this group (with --group-by or the default grouping)."),
-    failures: Failures = typer.Option(Failures.include, "--failures", help="include | exclude: whether diverged trials enter the groups' ranking key (see leaderboard)."),
+    at_kimg: float | None = typer.Option(
+        None, "--at-kimg", help=("Compare trials at this kimg instead of on the final FID.")
+    ),
+    baseline: str | None = typer.Option(
+        None, "--baseline", help=("KEY=VALUE: differences to this group (with --group-by or the default grouping).")
+    ),
+    failures: Failures = typer.Option(
+        Failures.include,
+        "--failures",
+        help=("include | exclude: whether diverged trials enter the groups' ranking key (see leaderboard)."),
+    ),
+    ci: Interval = typer.Option(
+        Interval.t, "--ci", help="t | bootstrap: interval of a group's mean (see leaderboard)."
+    ),
+    pool: bool = typer.Option(False, "--pool", help="Let a group average over several configurations."),
 ) -> None:
     """Write one self-contained HTML report: leaderboard, FID curves, sample grids, the sweep file."""
-    from orchestrator.report import write_report  # matplotlib: only when asked for
+    from orchestrator.analysis.report import (
+        write_report,  # matplotlib: only when asked for
+    )
 
     try:
-        path = write_report(find_sweep(results, sweep_name), out, group_by=split_columns(group_by), top=top,
-                            at_kimg=at_kimg, baseline=baseline, failures=failures.value)
+        path = write_report(
+            find_sweep(results, sweep_name),
+            out,
+            group_by=split_columns(group_by),
+            top=top,
+            at_kimg=at_kimg,
+            baseline=baseline,
+            failures=failures.value,
+            ci=ci.value,
+            pool=pool,
+        )
     except user_errors() as exc:
         fail(str(exc))
     console.print(f"report: {path}")

@@ -15,8 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from test_faults import alive, cli_env, descendants, log_of, rows, start_sweep, stop, wait_for
+from test_faults import (
+    alive,
+    cli_env,
+    descendants,
+    log_of,
+    rows,
+    start_sweep,
+    stop,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -174,8 +174,8 @@ def test_dry_run_prints_the_trials_and_starts_nothing(bad_sweep_runs):
 
 
 def test_sweep_name_taken_by_a_different_sweep(tmp_path, tmp_path_factory):
-    from orchestrator.schema import load_sweep
-    from orchestrator.sweep_dir import SweepDir
+    from orchestrator.store.sweep_dir import SweepDir
+    from orchestrator.sweepfile.loading import load_sweep
 
     results = tmp_path / "results"
     first = tmp_path / "first.yaml"
@@ -290,7 +290,7 @@ def test_data_prepare_without_usable_images_fails_with_one_line(case, expected, 
 
 @pytest.fixture(scope="module")
 def leaderboard_runs(tmp_path_factory) -> tuple[Path, dict[str, Run]]:
-    from orchestrator.results import ResultsWriter
+    from orchestrator.store.tables import ResultsWriter
 
     root = tmp_path_factory.mktemp("bad-results")
     (root / "empty").mkdir()
@@ -300,12 +300,15 @@ def leaderboard_runs(tmp_path_factory) -> tuple[Path, dict[str, Run]]:
     pending = root / "pending" / "s"  # trials known, none evaluated
     pending.mkdir(parents=True)
     (pending / "fingerprint").write_text("0" * 64)
-    ResultsWriter(pending, "s", ["seed"]).update_trial("t1", seed=0, status="running")
+    writer = ResultsWriter(pending, "s", ["seed"])
+    writer.update_trial("t1", seed=0, status="running")
+    writer.close()
     truncated = root / "truncated" / "s"
     truncated.mkdir(parents=True)
     (truncated / "fingerprint").write_text("0" * 64)
     writer = ResultsWriter(truncated, "s", ["seed"])
     writer.update_trial("t1", seed=0, status="completed", best_fid=12.0, extractor="tiny-conv")
+    writer.close()
     whole = (truncated / "trials.parquet").read_bytes()
     (truncated / "trials.parquet").write_bytes(whole[: len(whole) // 2])
     cases = {name: ["leaderboard", "--results", str(root / name)]
@@ -319,7 +322,7 @@ def leaderboard_runs(tmp_path_factory) -> tuple[Path, dict[str, Run]]:
     ("empty", "no sweeps here yet"),
     ("started", "no trials recorded yet"),
     ("pending", "no trial has an evaluation yet"),
-    ("truncated", "unreadable Parquet"),
+    ("truncated", "unreadable trials table"),
     ("unknown-sweep", "no sweep named 'nope' (found: s)"),
 ])
 def test_leaderboard_without_results_says_so_in_one_line(case, expected, leaderboard_runs):

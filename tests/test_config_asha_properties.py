@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-from orchestrator.failures import DIVERGED_SENTINEL
-from orchestrator.schedulers import ConfigASHA, config_key, expected_seeds
+from orchestrator.run.schedulers import ConfigASHA, config_key, expected_seeds
+from orchestrator.store.failures import DIVERGED_SENTINEL
 
 STOP = TrialScheduler.STOP
 EVERY = 0.5  # kimg between evaluations

@@ -16,9 +16,9 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 import ray  # noqa: F401  (importing Ray puts its bundled psutil on sys.path)
-import psutil
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,15 @@ def test_local_sweep_serves_its_dashboard_on_localhost_only_with_token_auth(tmp_
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")}
     env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
     log = tmp_path / "driver.log"
-    command = [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file), "--results", str(tmp_path / "results")]
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "sweep",
+        str(sweep_file),
+        "--results",
+        str(tmp_path / "results"),
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator import devices
-from orchestrator.devices import DeviceUnavailable, device_used, trial_device
+from orchestrator.run import devices
+from orchestrator.run.devices import DeviceUnavailable, device_used, trial_device
 
 
 def test_auto_follows_the_trials_reservation():
@@ -48,8 +48,12 @@ def test_device_used_names_the_gpu(monkeypatch):
 
 
 def test_device_used_is_a_fixed_column_never_a_parameter():
-    from orchestrator.results import EVALUATION_COLUMNS, TRIAL_COLUMNS, parameter_types
-    from orchestrator.schema import ModelSection, TrainSection
+    from orchestrator.store.tables import (
+        EVALUATION_COLUMNS,
+        TRIAL_COLUMNS,
+        parameter_types,
+    )
+    from orchestrator.sweepfile.sections import ModelSection, TrainSection
 
     assert "device_used" in EVALUATION_COLUMNS and "device_used" in TRIAL_COLUMNS
     assert "device_used" not in {**ModelSection.model_fields, **TrainSection.model_fields}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.estimate import (
+from orchestrator.sweepfile.loading import load_sweep
+from orchestrator.workflow.estimate import (
     Asha,
     Budget,
     ModelCost,
@@ -20,7 +21,6 @@ from orchestrator.estimate import (
     measure_sweep,
     rung_milestones,
 )
-from orchestrator.schema import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,10 +18,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray  # noqa: F401  (importing Ray puts its bundled psutil on sys.path)
-import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 ENDED = {"completed", "stopped_early", "diverged", "error"}
@@ -113,7 +113,9 @@ def finish(proc: subprocess.Popen, timeout: float) -> int:
 
 
 def tables(sweep_dir: Path):
-    return pq.read_table(sweep_dir / "trials.parquet").to_pylist(), pq.read_table(sweep_dir / "evaluations.parquet").to_pylist()
+    return pq.read_table(sweep_dir / "trials.parquet").to_pylist(), pq.read_table(
+        sweep_dir / "evaluations.parquet"
+    ).to_pylist()
 
 
 def assert_interrupted(output: str, total: int, trials: list[dict], resume_command: str) -> None:
@@ -214,24 +216,42 @@ def address_runs(tmp_path_factory):
 
     def run(name: str):
         env = env_for(tmpdirs[name], tmp_path_factory.getbasetemp() / "gan-cache")
-        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file), "--results",
-                               str(root / name), "--address", cases[name]], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator.cli",
+                "sweep",
+                str(sweep_file),
+                "--results",
+                str(root / name),
+                "--address",
+                cases[name],
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         return proc
 
     with ThreadPoolExecutor(3) as pool:
-        runs = dict(zip(cases, pool.map(run, cases)))
+        runs = dict(zip(cases, pool.map(run, cases), strict=False))
     yield root, port, stale_file, runs
     for path in tmpdirs.values():
         shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow  # three drivers importing torch and Ray at once: about a minute on 2 busy cores
-@pytest.mark.parametrize("case, expected", [
-    ("auto", ["at auto", "no Ray cluster to join", "RAY_ADDRESS is unset"]),
-    ("stale", ["at auto", "nothing answers at 127.0.0.1:{port}", "{stale_file}"]),
-    ("closed", ["at 127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port}"]),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("auto", ["at auto", "no Ray cluster to join", "RAY_ADDRESS is unset"]),
+        ("stale", ["at auto", "nothing answers at 127.0.0.1:{port}", "{stale_file}"]),
+        ("closed", ["at 127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port}"]),
+    ],
+)
 def test_an_address_nobody_answers_fails_in_one_line(case, expected, address_runs):
     root, port, stale_file, runs = address_runs
     proc = runs[case]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from orchestrator.board_format import as_latex, as_markdown, sections
-from orchestrator.leaderboard import LeaderboardError, build_board, mean_ci
-from orchestrator.results import ResultsWriter
+from orchestrator.analysis.formats import as_latex, as_markdown, sections
+from orchestrator.analysis.leaderboard import LeaderboardError, build_board, mean_ci
+from orchestrator.store.tables import ResultsWriter
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "orchestrator.cli"]
@@ -36,6 +36,7 @@ def write_sweep(tmp_path: Path, trials: list[dict], evaluations: list[dict] = ()
         if row["status"] == "completed" and "final_fid" not in t:
             raise ValueError("a completed trial needs its final_fid")
         writer.update_trial(t.get("trial_id", f"t{i}"), **{k: v for k, v in row.items() if k != "trial_id"})
+    writer.close()
     return sweep_dir
 
 
@@ -67,7 +68,9 @@ def test_groups_rank_on_final_fid_of_completed_trials_only(tmp_path):
     ])
     board = build_board(sweep_dir, group_by=["variant"])
     g = groups(board)
-    assert [r["variant"] for r in board.rows] == ["b", "a", "c"]  # b's single completed trial ranks first
+    # b's single completed trial has the best FID, but a rank needs a key resting on at least 2 trials.
+    assert [(r["variant"], r["rank"]) for r in board.rows] == [("a", 1), ("b", None), ("c", None)]
+    assert "rests on 1 trial" in g["b"]["unranked_reason"] and g["b"]["final_fid_median"] == 20.0
     assert g["a"]["final_fid_mean"] == pytest.approx(31.0)
     assert g["a"]["final_fid_ci95"] == pytest.approx(mean_ci([30.0, 34.0, 29.0])[1])
     assert g["b"]["final_fid_mean"] == 20.0 and g["b"]["final_fid_ci95"] is None  # n = 1: no interval
@@ -120,9 +123,14 @@ def test_a_baseline_needs_two_measured_trials_per_side(tmp_path):
     assert g["b"]["diff_fid"] is None and g["b"]["test"] == "n < 2"
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("variant", "expected KEY=VALUE"), ("seed=0", "not a --group-by column"), ("variant=zzz", "no trial has variant=zzz"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("variant", "expected KEY=VALUE"),
+        ("seed=0", "not a --group-by column"),
+        ("variant=zzz", "no trial has variant=zzz"),
+    ],
+)
 def test_bad_baseline_is_one_line(tmp_path, bad, message):
     sweep_dir = write_sweep(tmp_path, [trial("a", 0, 30.0)])
     with pytest.raises(LeaderboardError, match=message):
@@ -130,10 +138,14 @@ def test_bad_baseline_is_one_line(tmp_path, bad, message):
 
 
 def test_numbers_measured_differently_are_never_pooled(tmp_path):
-    sweep_dir = write_sweep(tmp_path, [
-        trial("a", 0, 30.0), trial("a", 1, 31.0, extractor="inception-v3-compat"),
-        trial("a", 2, 32.0, final_fid_samples=10000),
-    ])
+    sweep_dir = write_sweep(
+        tmp_path,
+        [
+            trial("a", 0, 30.0),
+            trial("a", 1, 31.0, extractor="inception-v3-compat"),
+            trial("a", 2, 32.0, final_fid_samples=10000),
+        ],
+    )
     board = build_board(sweep_dir, group_by=["variant"])
     blocks = {(r["extractor"], r["fid_samples"]): r["final_fid_mean"] for r in board.rows}
     assert blocks == {("tiny-conv", 512): 30.0, ("inception-v3-compat", 512): 31.0, ("tiny-conv", 10000): 32.0}
@@ -143,17 +155,26 @@ def test_numbers_measured_differently_are_never_pooled(tmp_path):
 
 def test_at_kimg_compares_the_evaluation_at_that_kimg(tmp_path):
     evaluations = [
-        {"trial_id": "a-0", "kimg": 0.512, "fid": 50.0}, {"trial_id": "a-0", "kimg": 1.024, "fid": 40.0},
-        {"trial_id": "a-1", "kimg": 0.512, "fid": 52.0}, {"trial_id": "a-1", "kimg": 1.024, "fid": 41.0},
+        {"trial_id": "a-0", "kimg": 0.512, "fid": 50.0},
+        {"trial_id": "a-0", "kimg": 1.024, "fid": 40.0},
+        {"trial_id": "a-1", "kimg": 0.512, "fid": 52.0},
+        {"trial_id": "a-1", "kimg": 1.024, "fid": 41.0},
         {"trial_id": "b-0", "kimg": 0.512, "fid": 45.0},  # culled at 0.5: never at 1 kimg
-        {"trial_id": "b-1", "kimg": 0.512, "fid": 47.0}, {"trial_id": "b-1", "kimg": 1.024, "fid": 30.0},
+        {"trial_id": "b-1", "kimg": 0.512, "fid": 47.0},
+        {"trial_id": "b-1", "kimg": 1.024, "fid": 30.0},
     ]
-    sweep_dir = write_sweep(tmp_path, [
-        trial("a", 0, 30.0), trial("a", 1, 31.0),
-        trial("b", 0, None, "stopped_early", kimg=0.512, stopped_at_kimg=0.5, stopped_metric=46.0),
-        # a seed of b that ran past the rung where its configuration was culled does not count at 1 kimg
-        trial("b", 1, None, "stopped_early", kimg=1.024, stopped_at_kimg=0.5, stopped_metric=46.0),
-    ], evaluations, every_kimg=0.5)
+    sweep_dir = write_sweep(
+        tmp_path,
+        [
+            trial("a", 0, 30.0),
+            trial("a", 1, 31.0),
+            trial("b", 0, None, "stopped_early", kimg=0.512, stopped_at_kimg=0.5, stopped_metric=46.0),
+            # a seed of b that ran past the rung where its configuration was culled does not count at 1 kimg
+            trial("b", 1, None, "stopped_early", kimg=1.024, stopped_at_kimg=0.5, stopped_metric=46.0),
+        ],
+        evaluations,
+        every_kimg=0.5,
+    )
     g = groups(build_board(sweep_dir, group_by=["variant"], at_kimg=0.5))
     assert g["a"]["fid_mean"] == pytest.approx(51.0) and g["b"]["fid_mean"] == pytest.approx(46.0)
     assert g["a"]["fid_samples"] == 64 and g["a"]["fid_kimg"] == 0.5
@@ -165,16 +186,23 @@ def test_at_kimg_compares_the_evaluation_at_that_kimg(tmp_path):
 
 
 def test_partial_sweep_is_flagged(tmp_path):
-    sweep_dir = write_sweep(tmp_path, [trial("a", 0, 30.0), trial("a", 1, None, "interrupted", kimg=1.0),
-                                       trial("a", 2, None, "pending", kimg=0.0, evaluations=0)])
+    sweep_dir = write_sweep(
+        tmp_path,
+        [
+            trial("a", 0, 30.0),
+            trial("a", 1, None, "interrupted", kimg=1.0),
+            trial("a", 2, None, "pending", kimg=0.0, evaluations=0),
+        ],
+    )
     board = build_board(sweep_dir, group_by=["variant"])
     assert "2 of 3 trials unfinished" in board.partial_note
     assert board.rows[0]["n_unfinished"] == 2
 
 
 def test_markdown_and_latex_tables_say_what_the_fid_is(tmp_path):
-    sweep_dir = write_sweep(tmp_path, [trial("a_1", 0, 30.0), trial("a_1", 1, 31.0), trial("b", 0, 20.0),
-                                       trial("b", 1, 22.0)])
+    sweep_dir = write_sweep(
+        tmp_path, [trial("a_1", 0, 30.0), trial("a_1", 1, 31.0), trial("b", 0, 20.0), trial("b", 1, 22.0)]
+    )
     board = build_board(sweep_dir, group_by=["variant"], baseline="variant=a_1")
     secs = sections(board, ["variant"], ["g_widths", "seed", "variant"])
     md = as_markdown(secs, None)
@@ -186,8 +214,23 @@ def test_markdown_and_latex_tables_say_what_the_fid_is(tmp_path):
 @pytest.mark.parametrize("fmt", ["table", "json", "csv", "markdown", "latex"])
 def test_every_format_runs_from_the_command_line(tmp_path, fmt):
     write_sweep(tmp_path, [trial("a", 0, 30.0), trial("a", 1, 31.0), trial("b", 0, 20.0), trial("b", 1, 22.0)])
-    proc = subprocess.run([*CLI, "leaderboard", "--results", str(tmp_path / "results"), "--group-by", "variant",
-                           "--baseline", "variant=a", "--format", fmt], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            *CLI,
+            "leaderboard",
+            "--results",
+            str(tmp_path / "results"),
+            "--group-by",
+            "variant",
+            "--baseline",
+            "variant=a",
+            "--format",
+            fmt,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "b" in proc.stdout and "30.50" in proc.stdout or fmt in ("json", "csv")
     if fmt == "json":
@@ -197,12 +240,20 @@ def test_every_format_runs_from_the_command_line(tmp_path, fmt):
 
 def test_bad_leaderboard_flags_exit_2_with_one_line(tmp_path):
     write_sweep(tmp_path, [trial("a", 0, 30.0)])
-    for flags, needle in ((["--baseline", "variant=a"], "--baseline needs --group-by"),
-                          (["--at-kimg", "-1"], "must be a number > 0"),
-                          (["--group-by", "nope"], "unknown column")):
-        proc = subprocess.run([*CLI, "leaderboard", "--results", str(tmp_path / "results"), *flags], cwd=REPO,
-                              capture_output=True, text=True)
-        assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for flags, needle in (
+        (["--baseline", "variant=a"], "--baseline needs --group-by"),
+        (["--at-kimg", "-1"], "must be a number > 0"),
+        (["--group-by", "nope"], "unknown column"),
+    ):
+        proc = subprocess.run(
+            [*CLI, "leaderboard", "--results", str(tmp_path / "results"), *flags],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+            proc.stderr
+        )
 
 
 # ---- the failure policy -------------------------------------------------------------------------------
@@ -215,13 +266,22 @@ def _no_non_finite(text: str) -> None:
 
 def test_a_group_with_most_seeds_diverged_is_never_ranked_on_its_survivor(tmp_path):
     """Survivor bias: a's one survivor (20) beats b, but 2 of its 3 seeds diverged: its key is +inf."""
-    sweep_dir = write_sweep(tmp_path, [
-        trial("a", 0, 20.0), trial("a", 1, None, "diverged", kimg=1.0, reason="non-finite loss"),
-        trial("a", 2, None, "diverged", kimg=2.0, reason="non-finite loss"),
-        trial("b", 0, 30.0), trial("b", 1, 31.0), trial("b", 2, 32.0),
-        trial("c", 0, 22.0), trial("c", 1, None, "diverged", kimg=1.0), trial("c", 2, 26.0),
-        trial("d", 0, 19.0), trial("d", 1, None, "diverged", kimg=1.0),  # exactly half: infinite too
-    ])
+    sweep_dir = write_sweep(
+        tmp_path,
+        [
+            trial("a", 0, 20.0),
+            trial("a", 1, None, "diverged", kimg=1.0, reason="non-finite loss"),
+            trial("a", 2, None, "diverged", kimg=2.0, reason="non-finite loss"),
+            trial("b", 0, 30.0),
+            trial("b", 1, 31.0),
+            trial("b", 2, 32.0),
+            trial("c", 0, 22.0),
+            trial("c", 1, None, "diverged", kimg=1.0),
+            trial("c", 2, 26.0),
+            trial("d", 0, 19.0),
+            trial("d", 1, None, "diverged", kimg=1.0),  # exactly half: infinite too
+        ],
+    )
     board = build_board(sweep_dir, group_by=["variant"])
     g = groups(board)
     assert [(r["variant"], r["rank"]) for r in board.rows] == [("c", 1), ("b", 2), ("a", None), ("d", None)]
@@ -236,32 +296,47 @@ def test_a_group_with_most_seeds_diverged_is_never_ranked_on_its_survivor(tmp_pa
     assert any("(1 of 3 diverged)" in c for c in cells["c"])
 
     excluded = build_board(sweep_dir, group_by=["variant"], failures="exclude")
-    assert [(r["variant"], r["rank"]) for r in excluded.rows] == [("d", 1), ("a", 2), ("c", 3), ("b", 4)]
+    # d's and a's one survivor each: a number, but no rank (a key resting on one trial).
+    assert [(r["variant"], r["rank"]) for r in excluded.rows] == [("c", 1), ("b", 2), ("d", None), ("a", None)]
     assert "completed trials only" in sections(excluded, ["variant"], ["variant"])[0].title
 
 
 def test_errored_stopped_and_unfinished_trials_are_left_out_of_the_key_and_counted(tmp_path):
-    sweep_dir = write_sweep(tmp_path, [
-        trial("a", 0, 30.0), trial("a", 1, None, "error", kimg=0.0, reason="no usable CUDA"),
-        trial("a", 2, None, "stopped_early", kimg=1.0, stopped_at_kimg=1.0, stopped_metric=50.0),
-        trial("a", 3, None, "interrupted", kimg=1.0),
-        trial("b", 0, 31.0), trial("b", 1, 33.0),
-    ])
+    sweep_dir = write_sweep(
+        tmp_path,
+        [
+            trial("a", 0, 30.0),
+            trial("a", 1, None, "error", kimg=0.0, reason="no usable CUDA"),
+            trial("a", 2, None, "stopped_early", kimg=1.0, stopped_at_kimg=1.0, stopped_metric=50.0),
+            trial("a", 3, None, "interrupted", kimg=1.0),
+            trial("a", 4, 28.0),
+            trial("b", 0, 31.0),
+            trial("b", 1, 33.0),
+        ],
+    )
     g = groups(build_board(sweep_dir, group_by=["variant"]))
-    assert g["a"]["rank"] == 1 and g["a"]["final_fid_median"] == 30.0
-    assert (g["a"]["n"], g["a"]["n_error"], g["a"]["n_stopped_early"], g["a"]["n_unfinished"]) == (4, 1, 1, 1)
+    assert g["a"]["rank"] == 1 and g["a"]["final_fid_median"] == 29.0
+    assert (g["a"]["n"], g["a"]["n_error"], g["a"]["n_stopped_early"], g["a"]["n_unfinished"]) == (5, 1, 1, 1)
     assert g["b"]["rank"] == 2 and g["b"]["final_fid_median"] == 32.0
 
 
 def test_exports_hold_no_nan_or_infinity(tmp_path):
-    sweep_dir = write_sweep(tmp_path, [
-        trial("a", 0, 20.0), trial("a", 1, None, "diverged", kimg=1.0, best_fid=float("nan")),
-        trial("b", 0, 30.0), trial("b", 1, 31.0),
-    ])
+    sweep_dir = write_sweep(
+        tmp_path,
+        [
+            trial("a", 0, 20.0),
+            trial("a", 1, None, "diverged", kimg=1.0, best_fid=float("nan")),
+            trial("b", 0, 30.0),
+            trial("b", 1, 31.0),
+        ],
+    )
     for args in ([], ["--group-by", "variant"], ["--group-by", "variant", "--baseline", "variant=b"]):
         for fmt in ("json", "csv", "latex", "markdown"):
-            proc = subprocess.run([*CLI, "leaderboard", "--results", str(tmp_path / "results"), *args,
-                                   "--format", fmt], capture_output=True, text=True)
+            proc = subprocess.run(
+                [*CLI, "leaderboard", "--results", str(tmp_path / "results"), *args, "--format", fmt],
+                capture_output=True,
+                text=True,
+            )
             assert proc.returncode == 0, proc.stderr
             _no_non_finite(proc.stdout)
             if fmt == "json":
@@ -276,6 +351,31 @@ def test_failures_flag_is_checked(tmp_path):
     sweep_dir = write_sweep(tmp_path, [trial("a", 0, 20.0)])
     with pytest.raises(LeaderboardError, match="--failures sometimes"):
         build_board(sweep_dir, group_by=["variant"], failures="sometimes")
-    proc = subprocess.run([*CLI, "leaderboard", "--results", str(tmp_path / "results"), "--failures", "sometimes"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [*CLI, "leaderboard", "--results", str(tmp_path / "results"), "--failures", "sometimes"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_baseline_comparisons_are_holm_adjusted_with_probability_of_improvement(tmp_path):
+    from statsmodels.stats.multitest import multipletests
+
+    base, fids = [30.0, 31.0, 29.5, 30.5], {"b": [26.0, 27.5, 25.0, 28.0], "c": [29.0, 32.0, 30.0, 28.5],
+                                             "d": [35.0, 36.0, 33.5, 34.0]}
+    sweep_dir = write_sweep(tmp_path, [trial("a", s, f) for s, f in enumerate(base)] +
+                            [trial(v, s, f) for v, values in fids.items() for s, f in enumerate(values)])
+    g = groups(build_board(sweep_dir, group_by=["variant"], baseline="variant=a"))
+    raw = [g[v]["p_value"] for v in fids]
+    assert raw == pytest.approx([stats.ttest_rel(values, base).pvalue for values in fids.values()])
+    expected = multipletests(raw, method="holm")[1]
+    assert [g[v]["p_holm"] for v in fids] == pytest.approx(list(expected))
+    assert g["a"]["p_holm"] is None and g["a"]["prob_improvement"] is None
+    # Paired: the share of seeds on which the group's FID is lower than the baseline's.
+    assert g["b"]["prob_improvement"] == 1.0 and g["d"]["prob_improvement"] == 0.0
+    assert g["c"]["prob_improvement"] == pytest.approx(0.5)
+    assert g["c"]["prob_improvement_ci95_low"] <= 0.5 <= g["c"]["prob_improvement_ci95_high"]
+    assert g["b"]["hedges_g"] < 0 < g["d"]["hedges_g"]  # negative: better than the baseline
+    table = sections(build_board(sweep_dir, group_by=["variant"], baseline="variant=a"), ["variant"], ["variant"])[0]
+    assert "p (Holm, 3 comparisons)" in table.headers

@@ -8,9 +8,14 @@ import torch
 import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from PIL import Image
+from torch_fidelity.metric_fid import (
+    fid_features_to_statistics,
+    fid_statistics_to_metric,
+)
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import gan.metrics as metrics
+from gan.frechet import GaussianStats, feature_statistics, frechet_distance
 from gan.metrics import (
     TINY_CONV,
     Evaluator,
@@ -22,6 +27,7 @@ from gan.metrics import (
     real_stats_path,
     to_uint8,
 )
+from gan.precision import precision_state, restore_precision, set_tf32
 
 SIZE = 32
 
@@ -90,7 +96,7 @@ def test_tiny_conv_is_registered_and_deterministic():
     first = build_extractor(TINY_CONV)(images)
     second = build_extractor(TINY_CONV)(images)
     assert [f.shape for f in first] == [(4, 128), (4, 10)]  # FID/KID feature, IS logits
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
@@ -262,22 +268,71 @@ def test_features_are_extracted_without_tf32_and_the_callers_setting_comes_back(
 
     def spy(self, x):
         during.append(tf32_state())
+        assert torch.get_float32_matmul_precision() == "highest"  # readable inside too (Inductor reads it)
         return forward(self, x)
 
     monkeypatch.setattr(TinyConvExtractor, "forward", spy)
-    saved = tf32_state()
+    saved = precision_state()
     try:
-        # as training_loop does on CUDA
-        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32"
+        set_tf32(True)  # as training_loop does on CUDA (gan.training.set_training_backends)
         on = tf32_state()
         ev = evaluator(tmp_path, dark_noise(40, seed=0), batch_size=16)  # real statistics: 3 batches
         assert tf32_state() == on
         ev.evaluate(sampler(dark_noise(20, seed=1)), 20)  # samples: 2 batches
-        assert tf32_state() == on
+        assert tf32_state() == on and torch.get_float32_matmul_precision() == "high"
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+        restore_precision(saved)
     assert on == ("tf32", "tf32")
     assert during == [("ieee", "ieee")] * 5
+
+
+# --- the Fréchet distance in float64 on the evaluation device ------------------------------------
+
+
+def gaussian_features(n: int, dims: int, seed: int, shift: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(dims, dims, generator=g, dtype=torch.float64) / dims**0.5
+    return (torch.randn(n, dims, generator=g, dtype=torch.float64) + shift) @ mixing
+
+
+@pytest.mark.parametrize("n, dims", [(600, 64), (1000, 256), (100, 128)], ids=["full-rank", "wide", "rank-deficient"])
+def test_frechet_distance_equals_torch_fidelity_on_the_same_statistics(n, dims):
+    a, b = gaussian_features(n, dims, seed=0, shift=0.0), gaussian_features(n, dims, seed=1, shift=0.3)
+    stats_a, stats_b = fid_features_to_statistics(a), fid_features_to_statistics(b)
+    reference = fid_statistics_to_metric(stats_a, stats_b, verbose=False)["frechet_inception_distance"]
+    ours = frechet_distance(GaussianStats.from_numpy(stats_a), GaussianStats.from_numpy(stats_b))
+    assert ours == pytest.approx(reference, rel=1e-6)
+    # the statistics themselves, computed in torch, are numpy.cov's
+    mine = feature_statistics(a)
+    np.testing.assert_allclose(mine.mu.numpy(), stats_a["mu"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mine.sigma.numpy(), stats_a["sigma"], rtol=1e-10, atol=1e-12)
+    assert frechet_distance(mine, feature_statistics(b)) == pytest.approx(reference, rel=1e-6)
+
+
+def test_real_statistics_are_cached_with_their_square_root(tmp_path, monkeypatch):
+    real, samples = dark_noise(200, seed=0), dark_noise(150, seed=1)
+    first = evaluator(tmp_path, real)
+    with np.load(first.stats_path) as stored:
+        assert set(stored.files) == {"mu", "sigma", "sqrt_sigma"}
+        root, sigma = stored["sqrt_sigma"], stored["sigma"]
+    np.testing.assert_allclose(root @ root, sigma, atol=1e-6 * np.abs(sigma).max())
+    fid = first.evaluate(sampler(samples), 150)["fid"]
+
+    # A cache written before the square root was stored: used, and completed on disk.
+    with np.load(first.stats_path) as stored:
+        old = {"mu": stored["mu"], "sigma": stored["sigma"]}
+    np.savez(first.stats_path, **old)
+    extractions = count_extractions(monkeypatch)
+    upgraded = evaluator(tmp_path, real)
+    assert extractions == []  # the real images were not extracted again
+    with np.load(first.stats_path) as stored:
+        assert "sqrt_sigma" in stored.files
+    assert upgraded.evaluate(sampler(samples), 150)["fid"] == pytest.approx(fid, rel=1e-9)
+    reference = fid_statistics_to_metric(
+        old, fid_features_to_statistics(metrics._on_cpu(
+            metrics._extract(upgraded._module, metrics._array_batches(samples, 200), torch.device("cpu"))["128"])),
+        verbose=False)["frechet_inception_distance"]
+    assert fid == pytest.approx(reference, rel=1e-6)
 
 
 # --- the cache knows which weights made it --------------------------------------------------------

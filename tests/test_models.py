@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gan.models as models_module
 from gan.config import VARIANTS, ModelConfig
 from gan.models import (
     CMHSA,
@@ -108,8 +109,9 @@ def test_cmhsa_attention_is_scaled_softmax_over_keys():
     _, attn = attention(x, return_attention=True)
     assert attn.shape == (2, 2, 12, 12)
     torch.testing.assert_close(attn.sum(dim=-1), torch.ones(2, 2, 12))
-    q = F.conv2d(x, attention.query.weight, attention.query.bias).reshape(2, 2, 4, 12)
-    k = F.conv2d(x, attention.key.weight, attention.key.bias).reshape(2, 2, 4, 12)
+    w, b = attention.qkv.weight, attention.qkv.bias  # output channels: Q (0-7), K (8-15), V (16-23)
+    q = F.conv2d(x, w[:8], b[:8]).reshape(2, 2, 4, 12)
+    k = F.conv2d(x, w[8:16], b[8:16]).reshape(2, 2, 4, 12)
     scores = torch.einsum("bhdi,bhdj->bhij", q, k) / 4**0.5  # eqs 3.5, 3.7: head_dim = 8 / 2
     torch.testing.assert_close(attn, scores.softmax(dim=-1))
 
@@ -145,6 +147,92 @@ def test_cmhsa_attention_dropout_only_in_training(return_attention):
     torch.testing.assert_close(output(), output())
 
 
+MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["contiguous", "channels_last"])
+def test_cmhsa_hands_sdpa_unit_stride_q_k_v_in_both_memory_formats(monkeypatch, memory_format):
+    """Flash, memory-efficient and cuDNN attention need stride 1 along head_dim; torch silently falls back to
+    the math kernel otherwise. Checked on what CMHSA really passes to F.scaled_dot_product_attention."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append([(tuple(t.shape), t.stride(-1), t.is_contiguous()) for t in (q, k, v)])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(models_module.F, "scaled_dot_product_attention", spy)
+    attention = CMHSA(16, heads=4, dropout=0.1).to(memory_format=memory_format)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=memory_format)
+    y = attention(x)
+    assert seen == [[((2, 4, 64, 4), 1, True)] * 3]
+    assert y.is_contiguous(memory_format=memory_format)  # the output keeps the input's layout
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["contiguous", "channels_last"])
+def test_cmhsa_outputs_agree_across_memory_formats_and_paths(memory_format):
+    attention = CMHSA(16, heads=4, dropout=0.3).eval()
+    x = torch.randn(2, 16, 8, 8)
+    reference = attention(x)
+    attention = attention.to(memory_format=memory_format)
+    x = x.contiguous(memory_format=memory_format)
+    explicit, _ = attention(x, return_attention=True)
+    torch.testing.assert_close(attention(x), reference)
+    torch.testing.assert_close(explicit, reference)
+
+
+def legacy_cmhsa_state(state: dict) -> dict:
+    """A CMHSA state_dict as written before q, k and v became one convolution (separate query/key/value)."""
+    old = {}
+    for key, tensor in state.items():
+        if key.startswith("qkv."):
+            kind = key.split(".", 1)[1]
+            for name, part in zip(("query", "key", "value"), tensor.chunk(3), strict=True):
+                old[f"{name}.{kind}"] = part.clone()
+        else:
+            old[key] = tensor
+    return old
+
+
+def test_cmhsa_loads_a_state_dict_of_the_old_separate_q_k_v_layout():
+    attention = CMHSA(8, heads=2, dropout=0.0).eval()
+    nn.init.normal_(attention.qkv.bias)  # distinct biases per part, so a wrong order would show
+    old = legacy_cmhsa_state(attention.state_dict())
+    assert {"query.weight", "key.bias", "value.weight"} <= set(old) and "qkv.weight" not in old
+    loaded = CMHSA(8, heads=2, dropout=0.0).eval()
+    loaded.load_state_dict(old)  # strict: no missing or unexpected keys
+    x = torch.randn(2, 8, 4, 4)
+    assert torch.equal(loaded(x), attention(x))
+    generator = Generator(small("use-cmhsa-gan")).eval()
+    legacy = {}
+    for key, tensor in generator.state_dict().items():  # the same, nested inside a generator
+        prefix, _, rest = key.partition("qkv.")
+        if rest:
+            legacy.update({f"{prefix}{name}.{rest}": part for name, part in
+                           zip(("query", "key", "value"), tensor.chunk(3), strict=True)})
+        else:
+            legacy[key] = tensor
+    fresh = Generator(small("use-cmhsa-gan")).eval()
+    fresh.load_state_dict(legacy)
+    z = torch.randn(2, 16)
+    assert torch.equal(fresh(z), generator(z))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused attention kernels need CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["contiguous", "channels_last"])
+def test_cmhsa_runs_a_fused_attention_kernel_on_cuda(dtype, memory_format):
+    """With only the fused kernels allowed, a fallback to the math kernel is an error, not a slowdown."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    attention = CMHSA(128, heads=4, dropout=0.1).cuda().to(memory_format=memory_format).train()
+    x = torch.randn(8, 128, 16, 16, device="cuda").contiguous(memory_format=memory_format).requires_grad_()
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        attention(x).float().square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_cmhsa_heads_must_divide_channels():
     with pytest.raises(ValueError, match=r"heads=3.*channels=128"):
         CMHSA(128, heads=3, dropout=0.1)
@@ -160,7 +248,8 @@ def test_cmhsa_generator_reports_bad_heads_for_its_placement():
 
 @pytest.mark.parametrize(
     "variant, uses, attentions",
-    [("dcgan", 0, 0), ("use-gan", 1, 0), ("cmhsa-gan", 0, 1), ("use-cmhsa-gan", 1, 1), ("wgan", 0, 0), ("vae-gan", 0, 0)],
+    [("dcgan", 0, 0), ("use-gan", 1, 0), ("cmhsa-gan", 0, 1), ("use-cmhsa-gan", 1, 1), ("wgan", 0, 0),
+     ("vae-gan", 0, 0)],
 )
 def test_generator_has_the_variants_modules(variant, uses, attentions):
     generator = build_models(small(variant))["G"]

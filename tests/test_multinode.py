@@ -22,10 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray  # noqa: F401  (importing Ray puts its bundled psutil on sys.path)
-import psutil
+
+from orchestrator.store.tables import read_rows
 
 pytestmark = pytest.mark.slow
 
@@ -91,12 +93,25 @@ class LocalCluster:
         """`private`: worker name -> a folder that node sees as its own empty one (a local disk where the
         other nodes have shared storage), through a mount namespace of its own. `worker_gpus`: GPUs each
         worker declares to Ray (a logical resource: torch still finds no CUDA device and trains on the CPU)."""
-        self._spawn("head", "--head", f"--port={self.port}", "--num-cpus=0", "--num-gpus=0", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}")
+        self._spawn(
+            "head",
+            "--head",
+            f"--port={self.port}",
+            "--num-cpus=0",
+            "--num-gpus=0",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+        )
         self._wait_started("head")
         for name in workers:  # one at a time: nodes starting together race for the same socket file names
-            self._spawn(name, f"--address={self.address}", f"--num-cpus={worker_cpus}", f"--num-gpus={worker_gpus}",
-                        private=(private or {}).get(name))
+            self._spawn(
+                name,
+                f"--address={self.address}",
+                f"--num-cpus={worker_cpus}",
+                f"--num-gpus={worker_gpus}",
+                private=(private or {}).get(name),
+            )
             self._wait_started(name)
 
     def node_id(self, name: str) -> str:
@@ -123,9 +138,16 @@ class LocalCluster:
 
     def _spawn(self, name: str, *args: str, private: Path | None = None) -> None:
         # On one machine, every node's dashboard agent would take Ray's default port 52365.
-        command = [*RAY_CLI, "start", "--block", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-                   f"--object-store-memory={200 * 2**20}",
-                   f"--dashboard-agent-listen-port={free_port()}", *args]
+        command = [
+            *RAY_CLI,
+            "start",
+            "--block",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            f"--object-store-memory={200 * 2**20}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            *args,
+        ]
         if private is not None:
             private.mkdir(parents=True, exist_ok=True)
             # exec: the node's process is still this Popen's pid, so kill_tree stops all of it.
@@ -138,7 +160,9 @@ class LocalCluster:
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while "Ray runtime started" not in log_tail(log, 100_000):
             if self.nodes[name].poll() is not None:
-                raise AssertionError(f"`ray start` of {name} exited with {self.nodes[name].returncode}:\n{log_tail(log)}")
+                raise AssertionError(
+                    f"`ray start` of {name} exited with {self.nodes[name].returncode}:\n{log_tail(log)}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"{name} did not start in {NODE_START_TIMEOUT_S} s:\n{log_tail(log)}")
             time.sleep(0.2)
@@ -175,10 +199,22 @@ max_failures: 2
     return path
 
 
-def start_sweep(cluster: LocalCluster, sweep_file: Path, results: Path, cwd: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+def start_sweep(
+    cluster: LocalCluster, sweep_file: Path, results: Path, cwd: Path, *extra: str
+) -> tuple[subprocess.Popen, Path]:
     log = cwd.parent / f"{sweep_file.stem}-driver.log"
-    command = [sys.executable, "-m", "orchestrator.cli", "sweep", str(sweep_file),
-               "--address", cluster.address, "--results", str(results), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "sweep",
+        str(sweep_file),
+        "--address",
+        cluster.address,
+        "--results",
+        str(results),
+        *extra,
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, cwd=cwd, env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
     return proc, log
@@ -189,12 +225,20 @@ def finish(proc: subprocess.Popen, log: Path) -> None:
         proc.wait(timeout=SWEEP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         kill_tree(proc)
-        raise AssertionError(f"sweep did not finish in {SWEEP_TIMEOUT_S} s:\n{log_tail(log)}")
+        raise AssertionError(f"sweep did not finish in {SWEEP_TIMEOUT_S} s:\n{log_tail(log)}") from None
     assert proc.returncode == 0, log_tail(log)
 
 
+def evaluation_rows(path: Path) -> list[dict]:
+    """The evaluations as a reader sees them while the sweep runs (compacted rows and part files)."""
+    try:
+        return read_rows(path.parent, "evaluations")
+    except OSError:  # a part merged while we listed
+        return []
+
+
 def evaluation_count(path: Path) -> int:
-    return pq.read_metadata(path).num_rows if path.exists() else 0
+    return len(evaluation_rows(path))
 
 
 def test_trials_run_on_several_worker_nodes_and_results_land_under_results_path(cluster, tmp_path):
@@ -246,7 +290,7 @@ def test_trial_of_a_lost_node_resumes_from_its_checkpoint_on_a_surviving_node(cl
             assert proc.poll() is None, f"sweep ended before its second evaluation:\n{log_tail(log)}"
             assert time.monotonic() < deadline, f"no two evaluations in {SWEEP_TIMEOUT_S} s:\n{log_tail(log)}"
             time.sleep(0.1)
-        first_node = pq.read_table(evaluations_file).column("node")[0].as_py()
+        first_node = evaluation_rows(evaluations_file)[0]["node"]
         lost = next(name for name in WORKERS if cluster.node_id(name).startswith(first_node))
         survivor = next(name for name in WORKERS if name != lost)
         survivor_node = cluster.node_id(survivor)[:12]
@@ -264,7 +308,9 @@ def test_trial_of_a_lost_node_resumes_from_its_checkpoint_on_a_surviving_node(cl
     assert len(keys) == len(set(keys)), f"duplicate (trial_id, kimg) rows: {keys}"
     rows = sorted(evaluations, key=lambda row: row["kimg"])
     nodes = [row["node"] for row in rows]
-    where = f"(kimg, node) rows {[(row['kimg'], row['node']) for row in rows]}; lost {first_node}, survivor {survivor_node}"
+    where = (
+        f"(kimg, node) rows {[(row['kimg'], row['node']) for row in rows]}; lost {first_node}, survivor {survivor_node}"
+    )
     # Resumed, not restarted: a restart from scratch would re-report, and so replace, the lost node's rows.
     assert nodes[0] == first_node and survivor_node in nodes, where
     lost_rows = nodes.index(survivor_node)
@@ -273,8 +319,12 @@ def test_trial_of_a_lost_node_resumes_from_its_checkpoint_on_a_surviving_node(cl
 
 def can_make_private_mounts() -> bool:
     try:
-        return subprocess.run([*UNSHARE_MOUNT, "sh", "-c", "mount -t tmpfs tmpfs /mnt"],
-                              capture_output=True, timeout=30).returncode == 0
+        return (
+            subprocess.run(
+                [*UNSHARE_MOUNT, "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True, timeout=30
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 

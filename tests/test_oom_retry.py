@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_multinode import LocalCluster, finish, log_tail, start_sweep  # noqa: E402
 
-from orchestrator.runner import INJECT_OOM_ENV  # noqa: E402
+from orchestrator.run.trainable import INJECT_OOM_ENV  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,9 @@ def test_out_of_memory_on_a_gpu_share_is_retried_once_on_a_whole_gpu(tmp_path):
 
     assert lucky["status"] == "completed", (lucky, log_tail(log))
     assert lucky["reason"].startswith("finished on a whole GPU after: out of memory: CUDA out of memory (injected")
-    evals = [r for r in pq.read_table(sweep_dir / "evaluations.parquet").to_pylist() if r["trial_id"] == lucky["trial_id"]]
+    evals = [
+        r for r in pq.read_table(sweep_dir / "evaluations.parquet").to_pylist() if r["trial_id"] == lucky["trial_id"]
+    ]
     # Each evaluation once: the retry's result is not one, and the evaluation that ran out of memory was redone.
     assert [r["kimg"] for r in evals] == [0.512, 1.024]
     # The restart went on from the first evaluation's checkpoint, not from scratch: the run directory's own log

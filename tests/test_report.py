@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.utils
+from browser import open_in_chromium
 from PIL import Image
 
-from orchestrator.leaderboard import LeaderboardError
-from orchestrator.report import write_report
-from orchestrator.results import ResultsWriter
-
-from browser import open_in_chromium
+from orchestrator.analysis.leaderboard import LeaderboardError
+from orchestrator.analysis.report import write_report
+from orchestrator.store.reader import ResultsError
+from orchestrator.store.tables import ResultsWriter
 
 SWEEP_YAML = """\
 name: variants-demo
@@ -167,13 +167,14 @@ def test_default_grouping_falls_back_to_generator_widths(tmp_path):
     assert "<td>32-16-8</td><td>3</td>" in page
 
 
-def test_missing_or_empty_results_raise_a_one_line_leaderboard_error(tmp_path):
+def test_missing_or_empty_results_raise_a_one_line_error(tmp_path):
     with pytest.raises(LeaderboardError, match="no such sweep results directory"):
         write_report(tmp_path / "nope")
-    with pytest.raises(LeaderboardError, match="no trials recorded yet"):
+    # The store's reader says there is nothing to read (the leaderboard's errors are a kind of it).
+    with pytest.raises(ResultsError, match="no trials recorded yet"):
         write_report(tmp_path)
     ResultsWriter(tmp_path, "empty", ["variant"]).update_trial("t0", variant="dcgan", status="running")
-    with pytest.raises(LeaderboardError, match="no trial has an evaluation yet"):
+    with pytest.raises(ResultsError, match="no trial has an evaluation yet"):
         write_report(tmp_path)
 
 
@@ -202,5 +203,6 @@ def test_grid_paths_outside_the_sweep_directory_are_not_embedded(tmp_path):
     assert [t for t, _ in grids] == ["t0"]  # ranked: t3 t4 t0; both others point outside
     secret_uri = base64.b64encode(secret.read_bytes()).decode()
     assert secret_uri not in page
-    note = re.search(r"Sample grid outside the sweep directory, not embedded, for: ([^<]*<code>[^<]*</code>[^<]*)+", page)
+    outside = r"Sample grid outside the sweep directory, not embedded, for: ([^<]*<code>[^<]*</code>[^<]*)+"
+    note = re.search(outside, page)
     assert note and "t3" in note.group(0) and "t4" in note.group(0)

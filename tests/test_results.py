@@ -1,11 +1,26 @@
-"""Parquet column types come from the sweep schema, not from whichever values a snapshot holds."""
+"""The results store: column types from the sweep schema, part files merged by key, idempotent compaction,
+failed writes retried, the format marker, provenance."""
 from __future__ import annotations
+
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.results import EVALUATIONS_FILE, TRIALS_FILE, ResultsWriter
+from orchestrator.store import parts as parts_module
+from orchestrator.store.parts import MERGE_FANOUT, PARTS_DIR, part_files
+from orchestrator.store.provenance import PROVENANCE_FILE, changes, read_provenance, record_provenance
+from orchestrator.store.reader import ResultsError, load_evaluations, load_trials
+from orchestrator.store.tables import (
+    EVALUATIONS_FILE,
+    FORMAT_FILE,
+    TRIALS_FILE,
+    ResultsWriter,
+    compact,
+    read_rows,
+    read_table,
+)
 
 PARAMS = ["amp", "beta1", "g_widths", "heads", "lr_d", "seed", "variant"]
 # Written out by hand from gan.config's field types: the independent reference.
@@ -13,20 +28,21 @@ EXPECTED = {"amp": pa.bool_(), "beta1": pa.float64(), "g_widths": pa.string(), "
             "lr_d": pa.float64(), "seed": pa.int64(), "variant": pa.string()}
 
 
-def parameter_schema(path) -> dict[str, pa.DataType]:
-    schema = pq.read_schema(path)
-    return {name: schema.field(name).type for name in PARAMS}
+def parameter_schema(table: pa.Table) -> dict[str, pa.DataType]:
+    return {name: table.schema.field(name).type for name in PARAMS}
 
 
 def test_conditional_column_keeps_its_type_from_the_first_snapshot_to_the_last(tmp_path):
-    writer = ResultsWriter(tmp_path, "s", PARAMS)
+    writer = ResultsWriter(tmp_path, "s", PARAMS, flush_rows=1)
     # Early snapshot: only a trial where the conditional `heads` does not apply, and beta1 unset.
     writer.update_trial("t0", amp=True, beta1=None, g_widths="64-32", heads=None, lr_d=1e-4, seed=0, variant="dcgan")
     writer.add_evaluation({"trial_id": "t0", "amp": True, "beta1": None, "g_widths": "64-32", "heads": None,
                            "lr_d": 1e-4, "seed": 0, "variant": "dcgan", "kimg": 1.0, "fid": 10.0})
-    early = (parameter_schema(tmp_path / TRIALS_FILE), parameter_schema(tmp_path / EVALUATIONS_FILE))
+    early = (parameter_schema(read_table(tmp_path, "trials")), parameter_schema(read_table(tmp_path, "evaluations")))
     writer.update_trial("t1", amp=False, beta1=0.5, g_widths="64-32", heads=4, lr_d=2e-4, seed=1, variant="cmhsa-gan")
-    late = (parameter_schema(tmp_path / TRIALS_FILE), parameter_schema(tmp_path / EVALUATIONS_FILE))
+    writer.close()
+    late = (parameter_schema(pq.read_table(tmp_path / TRIALS_FILE)),
+            parameter_schema(pq.read_table(tmp_path / EVALUATIONS_FILE)))
     assert early == late == (EXPECTED, EXPECTED)
     assert pq.read_table(tmp_path / TRIALS_FILE).column("heads").to_pylist() == [None, 4]
 
@@ -34,12 +50,148 @@ def test_conditional_column_keeps_its_type_from_the_first_snapshot_to_the_last(t
 def test_two_sweeps_with_the_same_parameters_write_the_same_types(tmp_path):
     # One sweep's lr_d values happen to be whole numbers in YAML; the other's are not.
     for name, lr_d in (("a", 1), ("b", 1.5e-4)):
-        ResultsWriter(tmp_path / name, name, PARAMS).update_trial(
-            "t0", amp=True, beta1=None, g_widths="8", heads=None, lr_d=lr_d, seed=0, variant="dcgan")
-    assert parameter_schema(tmp_path / "a" / TRIALS_FILE) == parameter_schema(tmp_path / "b" / TRIALS_FILE) == EXPECTED
+        writer = ResultsWriter(tmp_path / name, name, PARAMS)
+        writer.update_trial("t0", amp=True, beta1=None, g_widths="8", heads=None, lr_d=lr_d, seed=0, variant="dcgan")
+        writer.close()
+    a, b = (pq.read_table(tmp_path / name / TRIALS_FILE) for name in "ab")
+    assert parameter_schema(a) == parameter_schema(b) == EXPECTED
 
 
 def test_a_value_that_does_not_fit_the_schema_type_is_refused_not_truncated(tmp_path):
-    writer = ResultsWriter(tmp_path, "s", ["heads"])
+    writer = ResultsWriter(tmp_path, "s", ["heads"], flush_rows=1)
     with pytest.raises(pa.ArrowInvalid):
         writer.update_trial("t0", heads=2.5)
+
+
+# ---- parts, merged reads, compaction ------------------------------------------------------------------
+
+
+def evaluation(trial: str, kimg: float, fid: float, seed: int = 0) -> dict:
+    return {"trial_id": trial, "seed": seed, "kimg": kimg, "fid": fid, "is_mean": 1.0 + fid / 100}
+
+
+def test_rows_go_to_part_files_and_readers_see_parts_and_compacted_rows_as_one_table(tmp_path):
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=2)
+    writer.update_trial("t0", seed=0, status="running")
+    writer.add_evaluation(evaluation("t0", 1.0, 50.0))
+    writer.add_evaluation(evaluation("t0", 2.0, 40.0))
+    writer.close()  # compacted
+    assert (tmp_path / EVALUATIONS_FILE).exists() and not (tmp_path / PARTS_DIR).exists()
+    assert (tmp_path / FORMAT_FILE).read_text().strip() == "2"
+
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)  # --resume: a new session on top
+    writer.add_evaluation(evaluation("t0", 2.0, 38.0))  # re-reported after a restart: replaces the row
+    writer.add_evaluation(evaluation("t0", 3.0, 30.0))
+    writer.update_trial("t0", status="completed", kimg=3.0, evaluations=3)
+    writer.update_trial("pending-0001", seed=1, status="pending")
+    writer.drop_trials(["pending-0001"])  # a placeholder Tune adds under its real id
+    assert part_files(tmp_path, "evaluations") and part_files(tmp_path, "trials")
+    # A reader during the run: compacted rows and parts, the latest row of each key, deleted rows gone.
+    evals = load_evaluations(tmp_path)
+    assert list(zip(evals["kimg"], evals["fid"], strict=True)) == [(1.0, 50.0), (2.0, 38.0), (3.0, 30.0)]
+    trials = load_trials(tmp_path)
+    assert list(trials["trial_id"]) == ["t0"] and trials["status"].iloc[0] == "completed"
+    assert [c for c in evals.columns if c.startswith("_")] == []
+    assert writer.summary("t0")["best_fid"] == 30.0 and writer.summary("t0")["evaluations"] == 3
+
+
+def test_compaction_is_idempotent_and_survives_a_crash_before_parts_are_deleted(tmp_path, monkeypatch):
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    for k in range(5):
+        writer.add_evaluation(evaluation("t0", float(k + 1), 50.0 - k))
+        writer.update_trial("t0", seed=0, status="running", kimg=float(k + 1))
+    writer.flush()
+    expected = (read_rows(tmp_path, "evaluations"), read_rows(tmp_path, "trials"))
+    # Crash after the compacted tables are written, before the parts are deleted.
+    monkeypatch.setattr(parts_module.Path, "unlink", lambda self, missing_ok=False: None)
+    compact(tmp_path)
+    monkeypatch.undo()
+    assert part_files(tmp_path, "evaluations")  # left behind ...
+    assert (read_rows(tmp_path, "evaluations"), read_rows(tmp_path, "trials")) == expected  # ... and harmless
+    compact(tmp_path)
+    compact(tmp_path)
+    assert not (tmp_path / PARTS_DIR).exists()
+    assert (pq.read_table(tmp_path / EVALUATIONS_FILE).to_pylist(), pq.read_table(tmp_path / TRIALS_FILE).to_pylist()) \
+        == expected
+
+
+def test_parts_merge_into_levels_so_their_number_stays_small(tmp_path):
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    n = MERGE_FANOUT * MERGE_FANOUT + 3
+    for k in range(n):
+        writer.add_evaluation(evaluation(f"t{k % 7}", float(k), float(k)))
+    files = part_files(tmp_path, "evaluations")
+    assert len(files) < 2 * MERGE_FANOUT
+    assert len(read_rows(tmp_path, "evaluations")) == n
+
+
+def test_a_failing_write_is_kept_retried_and_reported_once(tmp_path, monkeypatch, capsys):
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    writer.update_trial("t1", seed=0, status="running")
+    write_table = pq.write_table
+    failures = {"left": 2}
+
+    def disk_full_midway(table, where, **options):
+        if failures["left"]:
+            failures["left"] -= 1
+            write_table(table, where, **options)
+            with open(where, "r+b") as f:
+                f.truncate(100)  # half of it reached the disk
+            raise OSError(28, "No space left on device")
+        write_table(table, where, **options)
+
+    monkeypatch.setattr(parts_module.pq, "write_table", disk_full_midway)
+    writer.update_trial("t1", status="completed")  # fails: kept
+    writer.add_evaluation(evaluation("t1", 1.0, 20.0))  # fails again: still one warning
+    assert read_rows(tmp_path, "trials")[0]["status"] == "running"  # the half-written part never appeared
+    writer.flush()  # the disk has room again
+    assert read_rows(tmp_path, "trials")[0]["status"] == "completed"
+    assert [r["fid"] for r in read_rows(tmp_path, "evaluations")] == [20.0]
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1 and err.count("written again") == 1
+    assert not [p for p in (tmp_path / PARTS_DIR).iterdir() if p.suffix == ".tmp"]  # no temp file left
+
+
+def test_a_newer_results_format_is_refused_in_one_line(tmp_path):
+    ResultsWriter(tmp_path, "s", ["seed"]).close()
+    (tmp_path / FORMAT_FILE).write_text("3\n")
+    with pytest.raises(ResultsError, match="format 3; this version of gan-sweeps reads format 2"):
+        load_evaluations(tmp_path)
+
+
+def test_a_table_written_before_part_files_existed_reads_as_it_is(tmp_path):
+    pq.write_table(pa.table({"sweep": ["s"], "trial_id": ["t0"], "seed": [0], "kimg": [1.0], "fid": [9.0]}),
+                   tmp_path / EVALUATIONS_FILE)
+    assert load_evaluations(tmp_path)["fid"].tolist() == [9.0]
+
+
+# ---- provenance -------------------------------------------------------------------------------------------
+
+
+class _Sweep:
+    def __init__(self, kimg):
+        self.kimg = kimg
+
+    def model_dump(self, mode):
+        return {"train": {"kimg": self.kimg}}
+
+
+class _Data:
+    source, key = "synthetic", "abc"
+
+
+def test_provenance_is_recorded_per_run_and_a_changed_resume_warns(tmp_path, monkeypatch):
+    assert record_provenance(_Sweep(4), tmp_path, _Data(), resume=False) == []
+    runs = read_provenance(tmp_path)
+    assert runs[0]["event"] == "run" and runs[0]["data"] == {"source": "synthetic", "fingerprint": "abc"}
+    assert {"python", "torch", "ray", "torch_fidelity", "driver"} <= set(runs[0]["environment"])
+    assert runs[0]["project"]["version"] is not None
+    assert record_provenance(_Sweep(4), tmp_path, _Data(), resume=True) == []  # nothing changed
+
+    monkeypatch.setattr("orchestrator.store.provenance.project",
+                        lambda: {"version": "9.9", "git_commit": "f00", "git_dirty": False})
+    lines = record_provenance(_Sweep(8), tmp_path, _Data(), resume=True)
+    assert len(lines) == 2 and "other code" in lines[0] and "version" in lines[0] and "configuration" in lines[1]
+    assert len([json.loads(x) for x in (tmp_path / PROVENANCE_FILE).read_text().splitlines()]) == 3  # both kept
+    changed = changes({"data": {"fingerprint": "a"}}, {"data": {"fingerprint": "b"}})
+    assert changed[0].startswith("--resume on other data")

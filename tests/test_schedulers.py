@@ -6,6 +6,7 @@ stop_trial for paused/pending trials), with fake trials, so every decision can b
 """
 from __future__ import annotations
 
+import json
 import pickle
 from types import SimpleNamespace
 
@@ -14,7 +15,12 @@ import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from orchestrator.schedulers import ConfigASHA, TrialASHA, config_key, rung_milestones
+from orchestrator.run.schedulers import (
+    ConfigASHA,
+    TrialASHA,
+    config_key,
+    rung_milestones,
+)
 
 CONTINUE, STOP, PAUSE = TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.PAUSE
 
@@ -102,7 +108,7 @@ def test_the_rule_is_rays_percentile_rule_on_means(tmp_path):
     for i in range(8):
         seeds = [c.add(f"t{i}_{k}", lr=i, seed=k) for k in range(3)]
         fids = rng.uniform(10, 50, size=3)
-        actions = [c.report(t, 1.0, float(f)) for t, f in zip(seeds, fids)]
+        actions = [c.report(t, 1.0, float(f)) for t, f in zip(seeds, fids, strict=False)]
         signed = -float(np.mean(fids))
         expected_stop = bool(means_so_far) and signed < np.nanpercentile(means_so_far, (1 - 1 / rf) * 100)
         assert (actions[-1] == STOP) == expected_stop, (i, means_so_far, signed)
@@ -241,6 +247,7 @@ def test_resume_makes_the_decisions_an_uninterrupted_run_makes(tmp_path, unit):
     uninterrupted = _replay(factory(tmp_path / "a"), events, None, tmp_path / "a")
     for crash_after in range(1, len(events["results"])):  # a crash between any two results
         (tmp_path / "b" / "scheduler.json").unlink(missing_ok=True)
+        (tmp_path / "b" / "scheduler.jsonl").unlink(missing_ok=True)  # the journal of the previous replay
         resumed = _replay(factory(tmp_path / "b"), events, crash_after, tmp_path / "b")
         assert resumed == uninterrupted, crash_after
     assert any(action == STOP for _, _, action in uninterrupted)
@@ -281,7 +288,7 @@ def test_optuna_is_told_errors_as_failed_and_divergence_as_the_sentinel():
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.search import PolicyOptunaSearch
+    from orchestrator.run.search import PolicyOptunaSearch
 
     search = PolicyOptunaSearch(space={"lr": optuna.distributions.FloatDistribution(0.1, 1.0)}, metric="fid",
                                 mode="min", sampler=optuna.samplers.RandomSampler(seed=0))
@@ -298,3 +305,30 @@ def test_optuna_is_told_errors_as_failed_and_divergence_as_the_sentinel():
     State = optuna.trial.TrialState
     assert told == {0: (State.COMPLETE, 30.0, {1: 30.0}), 1: (State.COMPLETE, 1e6, {}),
                     2: (State.FAIL, None, {}), 3: (State.FAIL, None, {})}
+
+
+def test_saved_state_is_a_journal_of_changes_then_a_snapshot(tmp_path):
+    """Each result appends a few lines (its cost does not grow with the sweep); the sweep's end writes
+    scheduler.json; a copy unpickled as on --resume reads snapshot and journal back to the same state."""
+    s = config_asha(tmp_path, max_t=8.0)
+    c = FakeController(s)
+    trials = [c.add(f"t{i}", lr=i // 2, seed=i % 2) for i in range(8)]
+    journal = tmp_path / "scheduler.jsonl"
+    sizes = []
+    for kimg in (1.0, 2.0):
+        for t in trials:
+            if t.status != Trial.TERMINATED:
+                before = len(journal.read_text().splitlines()) if journal.exists() else 0
+                c.report(t, kimg, 10.0 + int(t.trial_id[1:]))
+                sizes.append(len(journal.read_text().splitlines()) - before)
+    assert max(sizes) <= 6
+    state = s._state()
+    restored = pickle.loads(pickle.dumps(s))
+    restored._load()
+    assert restored._state() == state
+    s.snapshot()
+    assert not journal.exists() and json.loads((tmp_path / "scheduler.json").read_text()) == json.loads(
+        json.dumps(state))
+    again = pickle.loads(pickle.dumps(s))
+    again._load()
+    assert again._state() == restored._state()

@@ -10,7 +10,8 @@ import optuna
 import pytest
 
 from gan.config import ATTENTION_VARIANTS, ModelConfig, TrainConfig
-from orchestrator.schema import SweepError, load_sweep
+from orchestrator.sweepfile.errors import SweepError
+from orchestrator.sweepfile.loading import load_sweep
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 

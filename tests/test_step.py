@@ -6,18 +6,28 @@ logic around replays (epoch ends, loss counts, batch position) is tested without
 """
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from test_training import tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gan import losses
 from gan.config import TrialConfig, optimiser_settings
 from gan.data import prepare_dataset, to_float
 from gan.models import build_models
-from gan.step import DeviceBatches, TrainStep, graph_mode
-from gan.training import training_loop
-from test_training import tiny_config
+from gan.step import (
+    AUTO_GRAPH,
+    GRAPH_VARIANTS,
+    WARMUP_ITERATIONS,
+    DeviceBatches,
+    TrainStep,
+    graph_mode,
+    will_capture,
+)
+from gan.training import build_trainer, training_loop
 
 N_IMAGES = 100  # with batch 16: 6 batches an epoch and a ragged tail of 4, so epochs end mid-run
 
@@ -80,7 +90,7 @@ def textbook_iterations(cfg: TrialConfig, data: np.ndarray, iterations: int):
     return models, sums
 
 
-def graph_ready_step(cfg: TrialConfig, data: np.ndarray, cuda_graph="off") -> tuple[TrainStep, dict]:
+def graph_ready_step(cfg: TrialConfig, data: np.ndarray, cuda_graph="off", **step_args) -> tuple[TrainStep, dict]:
     tc, mc = cfg.train, cfg.model
     opt = optimiser_settings(mc.variant, tc)
     torch.manual_seed(tc.seed)
@@ -94,13 +104,13 @@ def graph_ready_step(cfg: TrialConfig, data: np.ndarray, cuda_graph="off") -> tu
     batches = DeviceBatches(data, tc.batch_size, torch.device("cpu"), seed=tc.seed)
     step = TrainStep(variant=mc.variant, models=models, opt_d=opt_d, opt_g=opt_g, batches=batches, nz=mc.nz,
                      d_steps=opt["d_steps"], gp_weight=tc.gp_weight, recon_weight=tc.recon_weight,
-                     kl_weight=tc.kl_weight, cuda_graph=cuda_graph)
+                     kl_weight=tc.kl_weight, cuda_graph=cuda_graph, **step_args)
     return step, models
 
 
 def same_parameters(a: dict, b: dict) -> None:
     for name in a:
-        for (key, x), (_, y) in zip(a[name].state_dict().items(), b[name].state_dict().items()):
+        for (key, x), (_, y) in zip(a[name].state_dict().items(), b[name].state_dict().items(), strict=True):
             assert torch.equal(x, y), f"{name}.{key}"
 
 
@@ -153,7 +163,7 @@ class EmulatedGraph:
             getattr(s, n).load_state_dict(sd)
         s.opt_d.load_state_dict(opt_d)
         s.opt_g.load_state_dict(opt_g)
-        for t, v in zip(self._tensors(), tensors):
+        for t, v in zip(self._tensors(), tensors, strict=True):
             t.copy_(v)
         torch.set_rng_state(rng)
         return False
@@ -236,3 +246,131 @@ def test_variants_without_graphs_say_so_and_auto_means_off_until_measured():
     assert [graph_mode(v) for v in ("auto", "on", "off", True, False)] == ["auto", "on", "off", "on", "off"]
     with pytest.raises(ValueError):
         graph_mode("sometimes")
+
+
+# ---- what a GPU run needs, checked on the CPU ------------------------------------------------------------
+
+
+class HostSyncRecorder(TorchDispatchMode):
+    """Records every aten op that reads a tensor's value back to the host (a device sync on CUDA)."""
+
+    SYNCING = ("_local_scalar_dense", "item", "is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING:
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_recorder_sees_host_syncs():
+    with HostSyncRecorder() as recorder:
+        t = torch.ones(2)
+        t.sum().item()
+        bool(t.any())
+    assert recorder.syncs and set(recorder.syncs) <= set(HostSyncRecorder.SYNCING)
+
+
+@pytest.mark.parametrize("variant, amp, memory_format", [
+    *((v, False, torch.contiguous_format) for v in GRAPH_VARIANTS),
+    ("use-cmhsa-gan", True, torch.channels_last),  # bf16 autocast and channels_last take other code paths
+], ids=[*GRAPH_VARIANTS, "use-cmhsa-gan-bf16-channels-last"])
+def test_an_iteration_never_reads_a_value_back_to_the_host(variant, amp, memory_format):
+    """A captured graph cannot contain a host sync, and an eager iteration with one stalls the GPU: nothing in
+    `_iterate` may read a tensor's value, in any graph variant. Fused Adam, as training uses on CUDA (on CPU the
+    default Adam reads its step count with .item())."""
+    cfg = tiny_config(variant)
+    cfg.model.attn_dropout = 0.1  # attention dropout on: its mask is drawn on the device too
+    opt = optimiser_settings(variant, cfg.train)
+    torch.manual_seed(0)
+    models = build_models(cfg.model)
+    for m in models.values():
+        m.to(memory_format=memory_format).train()
+    adam = dict(betas=(opt["beta1"], opt["beta2"]), fused=True)
+    opt_d = torch.optim.Adam(models["D"].parameters(), lr=opt["lr_d"], **adam)
+    opt_g = torch.optim.Adam(models["G"].parameters(), lr=opt["lr_g"], **adam)
+    batches = DeviceBatches(images(), cfg.train.batch_size, torch.device("cpu"), seed=0)
+    step = TrainStep(variant=variant, models=models, opt_d=opt_d, opt_g=opt_g, batches=batches, nz=cfg.model.nz,
+                     d_steps=opt["d_steps"], cuda_graph="on", amp=amp, memory_format=memory_format)
+    with HostSyncRecorder() as recorder:
+        step._iterate()  # the first: Adam's state is created here
+        step._iterate()
+    assert recorder.syncs == []
+    assert step.all_finite()
+
+
+def test_will_capture_only_for_graph_variants_on_cuda_with_the_graph_asked_for(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert will_capture("dcgan", cuda, "on") and will_capture("use-cmhsa-gan", cuda, True)
+    assert not will_capture("dcgan", cuda, "off") and not will_capture("dcgan", cpu, "on")
+    assert not will_capture("wgan", cuda, "on") and not will_capture("vae-gan", cuda, "on")
+    assert will_capture("dcgan", cuda, "auto") == AUTO_GRAPH  # auto = off until a GPU check agreed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not will_capture("dcgan", cuda, "on")
+
+
+@pytest.mark.parametrize("cuda_graph", ["on", "off", "auto"])
+def test_optimisers_are_capturable_exactly_when_a_graph_will_be_captured(monkeypatch, cuda_graph):
+    seen = []
+    real_adam = torch.optim.Adam
+
+    def spy(params, **kwargs):
+        seen.append(kwargs["capturable"])
+        return real_adam(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    cfg = tiny_config("dcgan", cuda_graph=cuda_graph, device="cpu")
+    batches = DeviceBatches(images(), cfg.train.batch_size, torch.device("cpu"), seed=0)
+    trainer = build_trainer(cfg, torch.device("cpu"), batches)
+    assert seen == [False, False]  # a CPU never captures
+    assert trainer.step.want_graph == (cuda_graph == "on")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("cuda_graph", ["on", "off"])
+def test_cuda_warm_up_and_capture_raise_no_warnings(cuda_graph):
+    cfg = tiny_config("use-cmhsa-gan", cuda_graph=cuda_graph, device="cuda")
+    batches = DeviceBatches(images(), cfg.train.batch_size, torch.device("cuda"), seed=0)
+    trainer = build_trainer(cfg, torch.device("cuda"), batches)
+    capturable = [g["capturable"] for opt in (trainer.opt_d, trainer.opt_g) for g in opt.param_groups]
+    assert capturable == [cuda_graph == "on"] * 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(WARMUP_ITERATIONS + 3):
+            trainer.step()
+        torch.cuda.synchronize()
+    assert [str(w.message) for w in caught] == []
+    assert trainer.step.uses_graph == (cuda_graph == "on"), trainer.step.graph_note
+
+
+def test_a_failed_capture_of_compiled_modules_falls_back_to_reduce_overhead(monkeypatch, capsys):
+    """train.compile with a graph: the compiled (default-mode) modules are captured; if that fails, the trial
+    recompiles with mode="reduce-overhead" (built by the fallback), marks each iteration as a cudagraph step,
+    and stops asking Adam for capturable steps."""
+    cfg = tiny_config("dcgan")
+    cfg.train.batch_size = 16
+    built, marks = [], []
+
+    def fallback():
+        built.append(True)
+        return {"G": wrapped["G"], "D": wrapped["D"]}  # stand-ins for torch.compile(mode="reduce-overhead")
+
+    def broken(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(TrainStep, "_new_graph", broken)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
+    step, models = graph_ready_step(cfg, images(), cuda_graph="on", compile_fallback=fallback)
+    wrapped = {k: torch.nn.Sequential(m) for k, m in models.items()}  # same parameters, another module
+    for _ in range(WARMUP_ITERATIONS + 3):
+        step()
+    assert built == [True] and step.Gc is wrapped["G"] and step.Dc is wrapped["D"]
+    assert len(marks) == 3  # the iterations after the failed capture
+    assert "capture failed (RuntimeError" in step.graph_note and "reduce-overhead" in step.graph_note
+    assert capsys.readouterr().err.count("warning: cuda_graph: capture failed") == 1
+    assert not step.uses_graph and step.all_finite()

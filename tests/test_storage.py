@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.schema import load_sweep
-from orchestrator.storage import STORAGE_FILE
-from orchestrator.sweep_dir import SweepDir
+from orchestrator.run.storage import STORAGE_FILE
+from orchestrator.store.sweep_dir import SweepDir
+from orchestrator.sweepfile.loading import load_sweep
 
 # The CLI cases: four subprocesses that import torch and Ray, ~100 s together on 2 busy cores.
 slow = pytest.mark.slow
@@ -67,7 +67,10 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("other-storage")
     file = started_sweep(root, storage=root / "first-storage")
-    cases["other_storage"] = ([str(file), "--results", "results", "--resume", "--storage", str(root / "elsewhere")], root)
+    cases["other_storage"] = (
+        [str(file), "--results", "results", "--resume", "--storage", str(root / "elsewhere")],
+        root,
+    )
 
     with ThreadPoolExecutor(len(cases)) as pool:  # each subprocess pays for importing torch
         futures = {name: pool.submit(cli, args, cwd) for name, (args, cwd) in cases.items()}
@@ -91,8 +94,10 @@ def test_unsupported_storage_scheme_is_refused_before_anything_is_created(runs):
 
 
 @slow
-@pytest.mark.parametrize(("case", "key", "before", "after"), [("max_concurrent", "max_concurrent", 2, 4),
-                                                               ("max_failures", "max_failures", 2, 5)])
+@pytest.mark.parametrize(
+    ("case", "key", "before", "after"),
+    [("max_concurrent", "max_concurrent", 2, 4), ("max_failures", "max_failures", 2, 5)],
+)
 def test_resume_refuses_an_edit_that_ray_tune_would_silently_ignore(runs, case, key, before, after):
     proc, root = runs[case]
     line = one_error_line(proc)
@@ -111,7 +116,7 @@ def test_resume_with_another_storage_than_the_sweep_started_with_is_refused(runs
 
 
 def test_inception_weights_of_the_driver_are_shipped_and_written_once_per_node(tmp_path, monkeypatch):
-    from orchestrator.runner import shipped_inception_weights
+    from orchestrator.run.trainable import shipped_inception_weights
 
     weights = tmp_path / "weights-inception.pth"
     weights.write_bytes(b"not really weights" * 1000)
@@ -133,8 +138,8 @@ def test_inception_weights_of_the_driver_are_shipped_and_written_once_per_node(t
 
 
 def test_missing_weights_named_by_the_driver_environment_is_one_line(tmp_path, monkeypatch):
-    from orchestrator.runner import shipped_inception_weights
-    from orchestrator.storage import StorageError
+    from orchestrator.run.storage import StorageError
+    from orchestrator.run.trainable import shipped_inception_weights
 
     file = tmp_path / "w.yaml"
     file.write_text("name: w\n")
@@ -144,7 +149,13 @@ def test_missing_weights_named_by_the_driver_environment_is_one_line(tmp_path, m
 
 
 def test_a_node_without_the_drivers_token_is_refused_before_training(tmp_path):
-    from orchestrator.storage import SharedCheck, StorageError, check_this_node, unseen, write_markers
+    from orchestrator.run.storage import (
+        SharedCheck,
+        StorageError,
+        check_this_node,
+        unseen,
+        write_markers,
+    )
 
     shared, local = tmp_path / "shared", tmp_path / "elsewhere"
     token = write_markers([shared])

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from browser import open_in_chromium
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +65,7 @@ def test_config_asha_stops_every_seed_of_a_configuration_at_one_rung_on_their_me
     for t in trials:
         by_variant.setdefault(t["variant"], []).append(t)
     assert all(len(seeds) == 2 for seeds in by_variant.values())
-    for variant, seeds in by_variant.items():
+    for _variant, seeds in by_variant.items():
         assert len({(t["status"], t["stopped_at_kimg"], t["stopped_metric"]) for t in seeds}) == 1, seeds
         rung = seeds[0]["stopped_at_kimg"]
         if rung is None:
@@ -266,7 +265,7 @@ def test_sweep_pickles_for_optunas_searcher_state():
     """OptunaSearch pickles its search space (a bound method of the Sweep) with plain pickle."""
     import pickle
 
-    from orchestrator.schema import load_sweep
+    from orchestrator.sweepfile.loading import load_sweep
 
     sweep = load_sweep(REPO / "sweeps" / "lr_ratio.yaml", data_override=str(REPO))
     restored = pickle.loads(pickle.dumps(sweep.optuna_space)).__self__

@@ -16,8 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from orchestrator.schema import SweepError, load_sweep
-from orchestrator.tracking import logged_params, tracked_result, tracking_callbacks
+from orchestrator.run.tracked import logged_params, tracked_result
+from orchestrator.run.tracking import tracking_callbacks
+from orchestrator.sweepfile.errors import SweepError
+from orchestrator.sweepfile.loading import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "sweeps" / "smoke.yaml"
@@ -118,7 +120,7 @@ def test_a_diverged_or_failed_trial_logs_its_status_not_a_placeholder_fid():
     assert diverged == {"training_iteration": 3, "node": "ab", "status": "diverged", "reason": "non-finite loss"}
     failed = tracked_result({"kimg": 0.0, "fid": 1e6, "error": "out of memory: ...", "training_iteration": 1})
     assert failed == {"training_iteration": 1, "status": "error", "reason": "out of memory: ..."}
-    from orchestrator.schedulers import RETRY_KEY
+    from orchestrator.store.failures import RETRY_KEY
 
     assert tracked_result({"kimg": 0.0, "fid": 1e6, RETRY_KEY: "out of memory", "training_iteration": 2}) is None
 
@@ -128,8 +130,8 @@ def test_without_tracking_the_tuner_gets_no_logger_callback(tmp_path, monkeypatc
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    from orchestrator import runner
-    from orchestrator.sweep_dir import SweepDir
+    from orchestrator.run import tuner as runner
+    from orchestrator.store.sweep_dir import SweepDir
 
     built = {}
     monkeypatch.setattr(tune, "with_parameters", lambda fn, **kw: fn)  # would put the dataset in Ray's store
@@ -156,7 +158,7 @@ def test_loggers_survive_the_pickling_of_tunes_saved_state(tmp_path):
 
 
 def test_offline_wandb_needs_no_api_key_and_online_says_how_to_get_one(tmp_path, monkeypatch):
-    from orchestrator.tracking import check_trackers
+    from orchestrator.run.tracking import check_trackers
 
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)
@@ -240,7 +242,8 @@ def read_wandb_run(run_dir: Path) -> dict:
         elif kind == "config":
             run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "history":
-            run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            items = record.history.item
+            run["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
     return run
 
 
@@ -310,7 +313,7 @@ def test_a_resumed_sweep_goes_on_with_each_trials_mlflow_run(tracked):
     shutil.copy(tmp / "mlflow.db", tmp / "resumed.db")  # the other tests read the sweep's own store
     sweep = load_sweep(tmp / "tracked.yaml")
     sweep.tracking.wandb, sweep.tracking.mlflow.tracking_uri = None, f"sqlite:///{tmp}/resumed.db"
-    logger, = tracking_callbacks(sweep)
+    (logger,) = tracking_callbacks(sweep)
     logger.setup()
     trial_id = sorted(trials)[0]
     trial, evals = FakeTrial(trial_id, trials[trial_id]["seed"]), evaluations[trial_id]

@@ -50,22 +50,37 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--trial", "2"], "--trial: 2 is out of range: valid 0..1 (2 trials"),
-    (["--trial", "-1"], "--trial: -1 is out of range: valid 0..1"),
-    (["--trial", "0", "--set", "train.kimgg=2"], "train.kimgg: unknown key 'kimgg' (did you mean 'kimg'?)"),
-    (["--trial", "0", "--set", "train.kimg=-1"], "train.kimg: must be a finite number > 0, got -1"),
-    (["--trial", "0", "--set", "model.g_widths=[32, 16]"], "model.g_widths: needs 4 positive widths"),
-    (["--trial", "0", "--set", "eval.every_kimg=2"], "eval.every_kimg: 2.0 is more than the training budget of 1.0 kimg"),
-    (["--trial", "0", "--set", "model.variant=wgan"], "--set model.variant: 'variant' is swept (parameters.variant)"),
-    (["--trial", "0", "--set", "parameters.variant={values: [wgan]}"], "--set parameters.variant: swept parameters can't be set"),
-    (["--trial", "0", "--set", "foo.bar=1"], "--set foo.bar: unknown or unsettable section 'foo' (settable: data, model"),
-    (["--trial", "0", "--set", "scheduler.max_t=2"], "unsettable section 'scheduler'"),
-    (["--trial", "0", "--set", "kimg=2"], "--set kimg: expected SECTION.KEY=VALUE"),
-    (["--trial", "0", "--set", "train.kimg=[1"], "--set train.kimg: value '[1' is not valid YAML"),
-    (["--trial", "0", "--set", "train.kimg=1", "--set", "train.kimg=2"], "--set train.kimg: given twice"),
-    (["--trial", "0", "--device", "gpu"], "--device gpu: must be auto, cpu, cuda or cuda:N"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--trial", "2"], "--trial: 2 is out of range: valid 0..1 (2 trials"),
+        (["--trial", "-1"], "--trial: -1 is out of range: valid 0..1"),
+        (["--trial", "0", "--set", "train.kimgg=2"], "train.kimgg: unknown key 'kimgg' (did you mean 'kimg'?)"),
+        (["--trial", "0", "--set", "train.kimg=-1"], "train.kimg: must be a finite number > 0, got -1"),
+        (["--trial", "0", "--set", "model.g_widths=[32, 16]"], "model.g_widths: needs 4 positive widths"),
+        (
+            ["--trial", "0", "--set", "eval.every_kimg=2"],
+            "eval.every_kimg: 2.0 is more than the training budget of 1.0 kimg",
+        ),
+        (
+            ["--trial", "0", "--set", "model.variant=wgan"],
+            "--set model.variant: 'variant' is swept (parameters.variant)",
+        ),
+        (
+            ["--trial", "0", "--set", "parameters.variant={values: [wgan]}"],
+            "--set parameters.variant: swept parameters can't be set",
+        ),
+        (
+            ["--trial", "0", "--set", "foo.bar=1"],
+            "--set foo.bar: unknown or unsettable section 'foo' (settable: data, model",
+        ),
+        (["--trial", "0", "--set", "scheduler.max_t=2"], "unsettable section 'scheduler'"),
+        (["--trial", "0", "--set", "kimg=2"], "--set kimg: expected SECTION.KEY=VALUE"),
+        (["--trial", "0", "--set", "train.kimg=[1"], "--set train.kimg: value '[1' is not valid YAML"),
+        (["--trial", "0", "--set", "train.kimg=1", "--set", "train.kimg=2"], "--set train.kimg: given twice"),
+        (["--trial", "0", "--device", "gpu"], "--device gpu: must be auto, cpu, cuda or cuda:N"),
+    ],
+)
 def test_bad_input_is_one_line_naming_the_file_key_and_value(tiny, tmp_path, args, expected):
     result = invoke(str(tiny), *args, "--out", str(tmp_path / "run"))
     line = one_error_line(result)
@@ -92,13 +107,16 @@ def test_run_directory_is_never_overwritten_and_resume_needs_a_checkpoint(tiny, 
     out = tmp_path / "run"
     out.mkdir()
     line = one_error_line(invoke(str(tiny), "--trial", "0", "--out", str(out), "--resume"))
-    assert line == (f"error: --resume: no checkpoint in {out / 'checkpoint'} (run without --resume to start the "
-                    "trial, or give the --out of the run to continue)")
+    assert line == (
+        f"error: --resume: no checkpoint in {out / 'checkpoint'} (run without --resume to start the "
+        "trial, or give the --out of the run to continue)"
+    )
     (out / "checkpoint").mkdir()
     (out / "stats.jsonl").write_text("{}\n")
     line = one_error_line(invoke(str(tiny), "--trial", "0", "--out", str(out)))
-    assert line == (f"error: {out} holds the checkpoint of an earlier run: pass --resume to continue it, or "
-                    "choose another --out")
+    assert line == (
+        f"error: {out} holds the checkpoint of an earlier run: pass --resume to continue it, or choose another --out"
+    )
     (out / "checkpoint").rmdir()
     line = one_error_line(invoke(str(tiny), "--trial", "0", "--out", str(out)))
     assert line == f"error: {out} is not empty (stats.jsonl): choose another --out, or delete it"
@@ -108,7 +126,7 @@ def test_run_directory_is_never_overwritten_and_resume_needs_a_checkpoint(tiny, 
 def test_diverged_trial_exits_1_with_its_reason(tiny, tmp_path, monkeypatch):
     import torch
 
-    import orchestrator.train_one as train_one
+    import orchestrator.workflow.train as train_one
     from gan.training import TrainResult
 
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this process runs other tests
@@ -124,7 +142,8 @@ def test_diverged_trial_exits_1_with_its_reason(tiny, tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     default_out = Path("runs") / "tiny" / "trial-1"
     assert result.stdout.strip().splitlines()[-1] == (
-        f"diverged (non-finite loss) at 0.25 kimg: no final FID, no evaluation before it; run dir {default_out}")
+        f"diverged (non-finite loss) at 0.25 kimg: no final FID, no evaluation before it; run dir {default_out}"
+    )
     cfg = seen["cfg"]
     assert (cfg.model.variant, cfg.train.kimg, cfg.train.device) == ("use-gan", 0.5, "cpu")
     assert seen["run_dir"] == (tmp_path / default_out).resolve() and seen["resume_from"] is None
@@ -137,7 +156,7 @@ NO_RAY = """
 import json, shlex, sys
 sys.modules["ray"] = None  # any import of Ray now fails
 from typer.testing import CliRunner
-import orchestrator.train_one as train_one
+import orchestrator.workflow.train as train_one
 from orchestrator.cli import app
 
 SETS = ["--set", "eval.fid_samples=32", "--set", "eval.final_fid_samples=64"]
@@ -167,7 +186,8 @@ resume = shlex.split(r.stderr.split("continue with: ")[-1])
 r = CliRunner().invoke(app, resume[1:])
 out["resumed"] = [r.exit_code, r.stdout, r.stderr, resume]
 out["modules"] = sorted(m for m, module in sys.modules.items() if module is not None
-                        and (m.split(".")[0] == "ray" or m in ("orchestrator.runner", "orchestrator.sweep_run")))
+                        and (m.split(".")[0] == "ray"
+                             or m in ("orchestrator.run.tuner", "orchestrator.workflow.sweep")))
 print(json.dumps(out))
 """
 
@@ -193,27 +213,35 @@ def test_trains_without_ray_and_a_resumed_run_matches_an_uninterrupted_one(tiny,
     assert [r["kimg"] for r in rows] == [0.512, 1.024]
     assert [r["fid_samples"] for r in rows] == [32, 64] and rows[-1]["final"]
     assert stdout.strip().splitlines()[-1] == (
-        f"completed: 1.024 kimg, final FID {rows[-1]['fid']:.4f} (64 samples, tiny-conv); run dir runs/tiny/trial-1")
+        f"completed: 1.024 kimg, final FID {rows[-1]['fid']:.4f} (64 samples, tiny-conv); run dir runs/tiny/trial-1"
+    )
     options = json.loads((full / "options.json").read_text())
     assert options["model"]["variant"] == "use-gan" and options["train"]["kimg"] == 1
     assert (options["eval"]["fid_samples"], options["eval"]["final_fid_samples"]) == (32, 64)
     assert sorted(p.name for p in full.iterdir()) == ["checkpoint", "grids", "options.json", "stats.jsonl"]
 
     code, stdout, stderr = out["again"]  # --resume of a finished run
-    assert code == 0 and stdout.strip().splitlines()[-1].startswith("completed (already: nothing left to train): "
-                                                                     "1.024 kimg"), stdout + stderr
+    assert code == 0 and stdout.strip().splitlines()[-1].startswith(
+        "completed (already: nothing left to train): 1.024 kimg"
+    ), stdout + stderr
     assert stats(full) == rows
 
     code, stdout, stderr = out["changed"]  # --resume with other settings than the checkpoint's
     assert code == 2 and stderr.strip() == (
         "error: --resume: the checkpoint in runs/tiny/trial-1/checkpoint was trained with eval.fid_samples=32, "
-        "this run has 64: pass the same --data and --set as the run it continues")
+        "this run has 64: pass the same --data and --set as the run it continues"
+    )
 
     code, stdout, stderr = out["cut"]
     assert code == 130 and "Traceback" not in stdout + stderr
-    resume = ("orchestrator train tiny.yaml --trial 1 --set eval.fid_samples=32 --set eval.final_fid_samples=64 "
-              "--out cut --resume")
-    assert stderr.strip() == f"interrupted at 0.512 kimg; checkpoint of 0.512 kimg in cut/checkpoint; continue with: {resume}"
+    resume = (
+        "orchestrator train tiny.yaml --trial 1 --set eval.fid_samples=32 --set eval.final_fid_samples=64 "
+        "--out cut --resume"
+    )
+    assert (
+        stderr.strip()
+        == f"interrupted at 0.512 kimg; checkpoint of 0.512 kimg in cut/checkpoint; continue with: {resume}"
+    )
     assert out["cut_rows"] == 1
 
     code, stdout, stderr, command = out["resumed"]
@@ -227,8 +255,13 @@ def test_trains_without_ray_and_a_resumed_run_matches_an_uninterrupted_one(tiny,
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tiny, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([*CLI, "train", str(tiny), "--trial", "0", "--set", "train.kimg=200", "--out", str(out)],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "train", str(tiny), "--trial", "0", "--set", "train.kimg=200", "--out", str(out)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (out / "checkpoint").is_dir():  # the first evaluation is done
@@ -249,25 +282,38 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tiny, tmp_path):
     assert said and round(float(said.group(1)) * 1000) % 512 == 0 and float(said.group(1)) >= 0.512, lines[0]
     saved = json.loads(torch.load(out / "checkpoint" / "checkpoint.pt", weights_only=True)["state"])["images_shown"]
     assert saved / 1000 >= float(said.group(1))
-    assert lines[0].endswith(f"kimg in {out / 'checkpoint'}; continue with: "
-                             f"orchestrator train {tiny} --trial 0 --set train.kimg=200 --out {out} --resume")
+    assert lines[0].endswith(
+        f"kimg in {out / 'checkpoint'}; continue with: "
+        f"orchestrator train {tiny} --trial 0 --set train.kimg=200 --out {out} --resume"
+    )
 
 
 # The same trial under Ray Tune: one trial, FIFO, CPU.
 ONE_TRIAL = TINY.replace("values: [dcgan, use-gan]", "values: [use-gan]").replace(
-    "scheduler: {type: asha, grace_period: 0.5, max_t: 1}", "scheduler: {type: fifo}")
+    "scheduler: {type: asha, grace_period: 0.5, max_t: 1}", "scheduler: {type: fifo}"
+)
 
 
 @pytest.mark.slow
 def test_run_directory_matches_the_same_trial_under_tune(tmp_path):
     sweep_file = tmp_path / "one.yaml"
     sweep_file.write_text(ONE_TRIAL)
-    proc = subprocess.run([*CLI, "sweep", str(sweep_file), "--results", str(tmp_path / "r")], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [*CLI, "sweep", str(sweep_file), "--results", str(tmp_path / "r")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tune_dir,) = (tmp_path / "r" / "tiny" / "trials").iterdir()
-    proc = subprocess.run([*CLI, "train", str(sweep_file), "--trial", "0", "--out", str(tmp_path / "alone")],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [*CLI, "train", str(sweep_file), "--trial", "0", "--out", str(tmp_path / "alone")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     alone = tmp_path / "alone"
 

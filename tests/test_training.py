@@ -1,7 +1,9 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +131,88 @@ def test_fid_statistics_are_cached_under_data_cache_dir(tmp_path, monkeypatch):
     training_loop(cfg, tmp_path / "run")
     assert list((tmp_path / "sweep-cache" / "fid-stats").glob("*.npz"))
     assert not (tmp_path / "env-cache" / "fid-stats").exists()
+
+
+def test_matmul_precision_stays_readable_after_training_backends_and_an_evaluation(tmp_path):
+    """Inductor's max-autotune calls torch.get_float32_matmul_precision(), which raises once TF32 was switched on
+    through the per-backend fp32_precision attributes alone: training and evaluation use one API."""
+    from gan.metrics import Evaluator
+    from gan.precision import precision_state, restore_precision
+    from gan.training import set_training_backends
+
+    saved, benchmark = precision_state(), torch.backends.cudnn.benchmark
+    try:
+        set_training_backends(torch.device("cuda"))  # only sets flags: no CUDA call, so it runs on a CPU too
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        images = np.random.default_rng(0).integers(0, 256, (40, 3, 32, 32), dtype=np.uint8)
+        evaluator = Evaluator(images, dataset_key="tf32", split="train", extractor="tiny-conv", cache_dir=str(tmp_path))
+        evaluator.evaluate(lambda n: torch.from_numpy(images[:n]), 20)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        restore_precision(saved)
+    assert torch.get_float32_matmul_precision() == saved[0]
+
+
+def legacy_checkpoint(new: Path, old: Path) -> None:
+    """Rewrite a checkpoint as training_loop wrote it before CMHSA's q, k and v became one `qkv` convolution:
+    separate query/key/value weights in G, and opt_g's Adam state for those separate parameters."""
+    payload = torch.load(new / "checkpoint.pt", weights_only=True)
+    g_state, opt_state = payload["models"]["G"], payload["opt_g"]
+    g_names = list(g_state)  # parameters first, in named_parameters() order, then buffers; filter below
+    param_names = [k for k in g_names if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    (group,) = opt_state["param_groups"]
+    state_by_name = {param_names[i]: opt_state["state"][idx] for i, idx in enumerate(group["params"])}
+    legacy_g, legacy_names = {}, []
+    for key, tensor in g_state.items():
+        if ".qkv." not in key:
+            legacy_g[key] = tensor
+            continue
+        stem, _, kind = key.rpartition("qkv.")
+        for part, chunk in zip(("query", "key", "value"), tensor.chunk(3), strict=True):
+            legacy_g[f"{stem}{part}.{kind}"] = chunk.clone()
+    for name in param_names:  # legacy parameter order: query.weight, query.bias, key.weight, ...
+        if name.endswith("qkv.weight"):
+            stem = name[: -len("qkv.weight")]
+            legacy_names += [f"{stem}{part}.{kind}" for part in ("query", "key", "value")
+                             for kind in ("weight", "bias")]
+        elif not name.endswith("qkv.bias"):
+            legacy_names.append(name)
+    legacy_state = {}
+    for index, name in enumerate(legacy_names):
+        stem, _, rest = name.rpartition(".")
+        stem, _, part = stem.rpartition(".")
+        if part in ("query", "key", "value"):
+            fused = state_by_name[f"{stem}.qkv.{rest}"]
+            i = ("query", "key", "value").index(part)
+            legacy_state[index] = {"step": fused["step"].clone(),
+                                   **{k: fused[k].chunk(3)[i].clone() for k in ("exp_avg", "exp_avg_sq")}}
+        else:
+            legacy_state[index] = state_by_name[name]
+    payload["models"]["G"] = legacy_g
+    payload["opt_g"] = {"state": legacy_state, "param_groups": [{**group, "params": list(range(len(legacy_names)))}]}
+    old.mkdir()
+    torch.save(payload, old / "checkpoint.pt")
+
+
+def test_a_checkpoint_of_the_old_cmhsa_layout_resumes_bit_for_bit(tmp_path):
+    cfg = tiny_config("use-cmhsa-gan")
+    dataset = prepare_dataset(cfg.data)
+    saved = tmp_path / "saved-after-first-eval"
+    straight = []
+
+    def report(metrics, checkpoint_dir):
+        straight.append(metrics)
+        if len(straight) == 1:
+            shutil.copytree(checkpoint_dir, saved)
+
+    training_loop(cfg, tmp_path / "straight", report, dataset=dataset)
+    legacy_checkpoint(saved, tmp_path / "legacy")
+    assert any(".query.weight" in k for k in torch.load(tmp_path / "legacy" / "checkpoint.pt")["models"]["G"])
+    resumed = []
+    training_loop(cfg, tmp_path / "resumed", lambda m, c: resumed.append(m), resume_from=tmp_path / "legacy",
+                  dataset=dataset)
+    for key in ("kimg", "loss_d", "loss_g", "fid"):
+        assert resumed[0][key] == straight[1][key], key

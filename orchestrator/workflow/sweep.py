@@ -1,0 +1,245 @@
+"""`orchestrator sweep`: prepare data once, claim the results directory, run Tune, say how it ended.
+
+A first SIGINT (Ctrl-C) or SIGTERM stops Tune gracefully (its state is saved for --resume); the trials
+table then lists every trial of the sweep, the unfinished ones as `interrupted` (started) or `pending`.
+A second signal ends the driver at once.
+"""
+from __future__ import annotations
+
+import json
+import signal
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+
+from gan.data import prepare_dataset
+from orchestrator.run.live import LiveView
+from orchestrator.run.signals import StopSignals
+from orchestrator.run.storage import normalise as storage_uri
+from orchestrator.run.storage import preflight
+from orchestrator.run.storage import record as record_storage
+from orchestrator.run.storage import resolve as storage_for_run
+from orchestrator.run.tracking import check_trackers
+from orchestrator.store.failures import (  # every status not in ENDED is unfinished
+    DIVERGED,
+    ENDED,
+    ERROR,
+)
+from orchestrator.store.provenance import record_provenance
+from orchestrator.store.sweep_dir import SweepDir
+from orchestrator.store.tables import EVAL_KEYS, ResultsWriter, compact, parameter_columns, parameter_row
+from orchestrator.sweepfile.sections import Sweep
+
+# trial_id of a row that stands for a grid trial Tune had not created when the sweep was interrupted.
+PLACEHOLDER_PREFIX = "pending-"
+
+
+class SweepErrors(Exception):
+    """The sweep ended, and some of its trials ended in `error` (infrastructure: they measured nothing)."""
+
+    def __init__(self, errored: int, total: int):
+        super().__init__(f"{errored} of {total} trials ended in error")
+        self.errored, self.total = errored, total
+
+
+class SweepInterrupted(Exception):
+    """The sweep ended before all of its trials did."""
+
+    def __init__(self, signum: int | None, unfinished: int, total: int, resumable: bool):
+        super().__init__(f"{unfinished} of {total} trials unfinished")
+        self.signum, self.unfinished, self.total, self.resumable = signum, unfinished, total, resumable
+
+
+def total_trials(sweep: Sweep) -> int:
+    return sweep.num_samples if sweep.method == "optuna" else len(sweep.trials())
+
+
+def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool, console: Console,
+              storage: str | None = None) -> Path:
+    """Run the sweep to its end and print `done:`; raise SweepInterrupted if any trial is unfinished."""
+    storage = storage_uri(storage) if storage is not None else None  # a bad --storage creates nothing
+    with StopSignals() as stop:
+        try:
+            # Built once per sweep (trials receive it through Ray's object store), and before the results
+            # directory is claimed: a folder without usable images leaves no half-made sweep behind.
+            check_trackers(sweep)  # tracking: W&B's API key, MLflow's store (one line if refused)
+            dataset = prepare_dataset(sweep.trial_config({}).data)
+            sweep_dir = SweepDir.claim(sweep, results, resume=resume)
+        except KeyboardInterrupt:
+            raise SweepInterrupted(
+                stop.signum or signal.SIGINT, total_trials(sweep), total_trials(sweep), resume
+            ) from None
+        try:
+            return _run(
+                sweep,
+                sweep_dir,
+                dataset,
+                results,
+                address=address,
+                resume=resume,
+                console=console,
+                stop=stop,
+                storage=storage,
+            )
+        finally:
+            sweep_dir.release()
+
+
+def _run(
+    sweep: Sweep,
+    sweep_dir: SweepDir,
+    dataset,
+    results: Path,
+    *,
+    address: str | None,
+    resume: bool,
+    console: Console,
+    stop: StopSignals,
+    storage: str | None = None,
+) -> Path:
+    from orchestrator.run.ray_start import start_ray  # Ray: once the directory is ours
+    from orchestrator.run.tuner import build_tuner, check_resume_settings
+
+    if resume:
+        check_resume_settings(sweep, sweep_dir)
+        repair_tables(sweep, sweep_dir)  # parts a killed driver left, and evaluations only stats.jsonl holds
+    storage = storage_for_run(storage, sweep_dir.tune_path, resume)
+    for line in record_provenance(sweep, sweep_dir.path, dataset, resume=resume):
+        console.print(f"[yellow]warning:[/] {line}")
+
+    summary = dataset.summary()
+    if dataset.source == "synthetic":
+        console.print(
+            f"[yellow]data:[/] no dataset given: using {summary['images_kept']} procedurally generated "
+            "faces (pass --data DIR for real images)"
+        )
+    else:
+        console.print(f"data: {dataset.source}: {summary}")
+    live = None
+    try:
+        dashboard = start_ray(address)
+        stop.install()  # ray.init replaced our SIGTERM handler with its own (sys.exit)
+        console.print(f"Ray dashboard: {dashboard}" if dashboard else "Ray dashboard: not available")
+        console.print(f"results: {sweep_dir.path}")
+        shared = preflight(sweep_dir.path, storage, sweep.name)  # every node sees the storage, before any trial
+        if storage is not None and not resume:
+            record_storage(storage, sweep_dir.tune_path)
+        if resume:
+            forget_placeholders(sweep, sweep_dir)  # Tune adds those trials under their real ids
+        live = LiveView(f"sweep {sweep.name}", [c for c in parameter_columns(sweep) if c != "g_widths"] + ["g_widths"])
+        tuner = build_tuner(sweep, sweep_dir, dataset, resume=resume, live=live, storage=storage, shared=shared)
+        tuner.fit()
+    except KeyboardInterrupt:  # a second signal, or the first one before Tune ran
+        stop.signum = stop.signum or signal.SIGINT
+    finally:
+        if live is not None:
+            live.stop()
+        compact(sweep_dir.path)  # on every exit the driver survives: the documented tables, whole
+    console.print()  # the live table's last line has no newline; the closing line starts its own
+    resumable = sweep_dir.tune_path.exists()
+    writer = _writer(sweep, sweep_dir)
+    if resumable:
+        unfinished, total = record_unfinished(sweep, writer)
+    else:
+        unfinished = total = total_trials(sweep)
+    writer.close()
+    if unfinished:
+        raise SweepInterrupted(stop.signum, unfinished, total, resumable)
+    rows = list(writer.trials.values())
+    errored = sorted((r for r in rows if r.get("status") == ERROR), key=lambda r: r["trial_id"])
+    diverged = sum(r.get("status") == DIVERGED for r in rows)
+    counts = f"{total} trials" + (f", {diverged} diverged" if diverged else "")
+    rank = f"rank with `orchestrator leaderboard --results {results} --sweep {sweep.name}`"
+    if not errored:
+        console.print(f"done: {counts}: {sweep_dir.path / 'trials.parquet'}; {rank}")
+        return sweep_dir.path
+    console.print(
+        f"done with errors: {len(errored)} of {total} trials ended in error"
+        + (f" ({diverged} diverged)" if diverged else "")
+        + f": {sweep_dir.path / 'trials.parquet'}"
+    )
+    from orchestrator.run.callbacks import ERROR_FILE
+
+    for row in errored:
+        params = " ".join(f"{c}={row.get(c)}" for c in parameter_columns(sweep) if row.get(c) is not None)
+        reason = (row.get("reason") or "").strip().splitlines()
+        error_file = sweep_dir.path / "trials" / row["trial_id"] / ERROR_FILE
+        console.print(
+            f"  {row['trial_id']} {params}: {reason[-1] if reason else 'no reason recorded'} ({error_file})",
+            markup=False,
+            highlight=False,
+        )
+    raise SweepErrors(len(errored), total)
+
+
+def _writer(sweep: Sweep, sweep_dir: SweepDir) -> ResultsWriter:
+    return ResultsWriter(sweep_dir.path, sweep.name, parameter_columns(sweep))
+
+
+def record_unfinished(sweep: Sweep, writer: ResultsWriter) -> tuple[int, int]:
+    """After Tune returned: trials it left running become `interrupted`, and every grid/random trial
+    without a row gets a `pending` placeholder row (Optuna trials never proposed do not exist).
+    Returns (unfinished trials, trials of the sweep)."""
+    for trial_id, row in list(writer.trials.items()):
+        if row.get("status") == "running":
+            writer.update_trial(trial_id, status="interrupted")
+    if sweep.method != "optuna":
+        columns = parameter_columns(sweep)
+        listed = Counter(tuple(row.get(c) for c in columns) for row in writer.trials.values())
+        for index, params in enumerate(sweep.trials()):
+            row = parameter_row(sweep, params)
+            key = tuple(row[c] for c in columns)
+            if listed[key] > 0:  # a multiset: repeats of one configuration have equal parameter columns
+                listed[key] -= 1
+                continue
+            writer.update_trial(
+                f"{PLACEHOLDER_PREFIX}{index:04d}",
+                **row,
+                status="pending",
+                kimg=0.0,
+                evaluations=0,
+                kimg_budget=float(sweep.train.kimg),
+            )
+    ended = sum(row.get("status") in ENDED for row in writer.trials.values())
+    total = total_trials(sweep)
+    return max(total - ended, 0), total
+
+
+def forget_placeholders(sweep: Sweep, sweep_dir: SweepDir) -> None:
+    writer = _writer(sweep, sweep_dir)
+    writer.drop_trials([t for t in writer.trials if t.startswith(PLACEHOLDER_PREFIX)])
+    writer.close()
+
+
+def repair_tables(sweep: Sweep, sweep_dir: SweepDir) -> None:
+    """Before --resume: compact what a killed driver left in part files, and add the evaluations that a trial
+    wrote to its `stats.jsonl` but the driver never recorded (it died between the two)."""
+    writer = _writer(sweep, sweep_dir)
+    for trial_id, row in list(writer.trials.items()):
+        stats = Path(row.get("run_dir") or sweep_dir.path / "trials" / trial_id) / "stats.jsonl"
+        for evaluation in read_stats(stats):
+            if round(float(evaluation["kimg"]), 6) not in writer.recorded_kimgs(trial_id):
+                params = {c: row.get(c) for c in parameter_columns(sweep)}
+                writer.add_evaluation({"trial_id": trial_id, **params,
+                                       **{k: evaluation.get(k) for k in EVAL_KEYS if k in evaluation},
+                                       "data_source": row.get("data_source"), "node": row.get("node"),
+                                       "device_used": row.get("device_used")})
+    writer.close()
+
+
+def read_stats(path: Path) -> list[dict]:
+    """A trial's stats.jsonl (one evaluation a line); a torn last line of a killed trial is skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "kimg" in record:
+            out.append(record)
+    return out
