@@ -128,22 +128,19 @@ def test_parts_merge_into_levels_so_their_number_stays_small(tmp_path):
 def test_a_failing_write_is_kept_retried_and_reported_once(tmp_path, monkeypatch, capsys):
     writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
     writer.update_trial("t1", seed=0, status="running")
-    write_table = pq.write_table
+    fsync = parts_module.os.fsync
     failures = {"left": 2}
 
-    def disk_full_midway(table, where, **options):
+    def disk_full(fd):
         if failures["left"]:
             failures["left"] -= 1
-            write_table(table, where, **options)
-            with open(where, "r+b") as f:
-                f.truncate(100)  # half of it reached the disk
-            raise OSError(28, "No space left on device")
-        write_table(table, where, **options)
+            raise OSError(28, "No space left on device")  # the part was written, not made durable
+        fsync(fd)
 
-    monkeypatch.setattr(parts_module.pq, "write_table", disk_full_midway)
+    monkeypatch.setattr(parts_module.os, "fsync", disk_full)
     writer.update_trial("t1", status="completed")  # fails: kept
     writer.add_evaluation(evaluation("t1", 1.0, 20.0))  # fails again: still one warning
-    assert read_rows(tmp_path, "trials")[0]["status"] == "running"  # the half-written part never appeared
+    assert read_rows(tmp_path, "trials")[0]["status"] == "running"  # the undurable part never appeared
     writer.flush()  # the disk has room again
     assert read_rows(tmp_path, "trials")[0]["status"] == "completed"
     assert [r["fid"] for r in read_rows(tmp_path, "evaluations")] == [20.0]

@@ -39,7 +39,12 @@ def test_smoke_sweep_records_every_evaluation_and_asha_stops_some(smoke):
         assert trial["best_fid"] == min(r["fid"] for r in rows)
         assert trial["kimg"] == rows[-1]["kimg"]
         assert all(r["data_source"] == "synthetic" and r["extractor"] == "tiny-conv" for r in rows)
-        assert Path(trial["grid_path"]).is_file() and Path(trial["checkpoint_path"]).is_dir()
+        assert Path(trial["grid_path"]).is_file()
+        # keep_checkpoints: completed (the default): a stopped trial's checkpoint went when the sweep ended.
+        if trial["status"] == "completed":
+            assert Path(trial["checkpoint_path"]).is_dir()
+        else:
+            assert trial["checkpoint_path"] is None
         # g_steps counts generator updates: wgan makes 5 critic steps (5 batches of real images) per update
         d_steps = 5 if trial["variant"] == "wgan" else 1
         assert all(r["g_steps"] * 32 * d_steps == round(r["kimg"] * 1000) for r in rows)
@@ -49,6 +54,11 @@ def test_smoke_sweep_records_every_evaluation_and_asha_stops_some(smoke):
         else:
             assert trial["stopped_at_kimg"] in (1.0, 2.0)
     assert [t for t in trials.values() if t["status"] == "stopped_early"], "ASHA stopped no configuration"
+    assert not (sweep_dir / ".parts").exists()  # compacted when the sweep ended
+    runs = [json.loads(line) for line in (sweep_dir / "provenance.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in runs][0] == "run" and {r["event"] for r in runs} == {"run", "node"}
+    assert runs[0]["data"]["source"] == "synthetic" and runs[0]["config"]["name"] == "smoke"
+    assert runs[0]["environment"]["ray"] == "2.60.0"
     columns = pq.read_schema(sweep_dir / "evaluations.parquet").names
     for column in ("sweep", "trial_id", "variant", "seed", "g_widths", "kimg", "g_steps", "fid", "is_mean",
                    "extractor", "fid_samples", "loss_d", "loss_g", "images_per_s", "wall_s", "node", "time"):

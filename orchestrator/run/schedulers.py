@@ -2,8 +2,9 @@
 
 Ray Tune does not save a scheduler's state with the experiment, so after `--resume` its ASHA
 starts with empty rungs and culls more loosely than an uninterrupted run would. Both schedulers
-here write their state (rungs, decisions) to `<sweep>/scheduler.json` after every change and
-read it back on the first call after a restore, so a resumed sweep makes the same decisions.
+here journal every change of their state (rungs, decisions) in the sweep directory (see
+orchestrator.run.scheduler_state) and read it back on the first call after a restore, so a resumed
+sweep makes the same decisions.
 
 - `TrialASHA` (`scheduler.unit: trial`): Tune's own ASHA, judged per trial.
 - `ConfigASHA` (`scheduler.unit: config`): successive halving over configurations (trials that
@@ -17,9 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +25,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from orchestrator.run.rungs import rung_milestones
+from orchestrator.run.scheduler_state import SavedState
 from orchestrator.store.failures import DIVERGED_SENTINEL as DIVERGED_SENTINEL_ABS
 from orchestrator.store.failures import RETRY_KEY, finite, sentinel
 from orchestrator.sweepfile.params import REPLICATE_PARAMS
@@ -39,82 +38,12 @@ def config_key(params: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in params.items() if k not in REPLICATE_PARAMS}, sort_keys=True)
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class _SavedState:
-    """Scheduler state that survives a killed driver, at a constant cost per change.
-
-    Every change is one JSON line appended to the journal (`scheduler.jsonl` beside `state_file`); `snapshot()`
-    writes the whole state to `state_file` (`scheduler.json`) and empties the journal, when the sweep ends.
-    The copy Tune unpickles on --resume reads the snapshot, then replays the journal, on its first call.
-    Journal events set values (never add to them), so replaying one that a snapshot already holds is harmless.
-    """
-
-    state_file: str
-    _loaded: bool
-
-    @property
-    def journal_file(self) -> Path:
-        return Path(self.state_file).with_suffix(".jsonl")
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_loaded"] = False  # a restored copy re-reads the files
-        if "_trials" in state:
-            state["_trials"] = {}  # Tune's Trial objects: on_trial_add hands them over again
-        return state
-
-    def _log(self, *event: Any) -> None:
-        with open(self.journal_file, "a") as f:
-            f.write(json.dumps(event) + "\n")
-
-    def flush_state(self) -> None:
-        """Make the journal durable (Ray Tune's experiment checkpoints call this through the results callback)."""
-        try:
-            with open(self.journal_file, "rb+") as f:
-                os.fsync(f.fileno())
-        except FileNotFoundError:
-            pass
-
-    def snapshot(self) -> None:
-        """The whole state to `state_file`, then an empty journal."""
-        self._load()
-        _write_json(Path(self.state_file), self._state())
-        self.journal_file.unlink(missing_ok=True)
-
-    def _read_saved(self) -> tuple[dict | None, list[list]] | None:
-        """(snapshot, journal events), the first time only (None once read)."""
-        if self._loaded:
-            return None
-        self._loaded = True
-        path = Path(self.state_file)
-        snapshot = json.loads(path.read_text()) if path.exists() else None
-        events = []
-        if self.journal_file.exists():
-            for line in self.journal_file.read_text().splitlines():
-                try:
-                    events.append(json.loads(line))
-                except ValueError:  # the last line of a driver killed mid-write
-                    break
-        return snapshot, events
-
-    def _state(self) -> dict:
-        raise NotImplementedError
-
-
 def _diverged(result: dict, metric: str | None) -> bool:
     """A diverged report, or one whose metric is not a finite number (NaN < cutoff is never true)."""
     return bool(result.get("diverged")) or (metric is not None and metric in result and not finite(result[metric]))
 
 
-class TrialASHA(_SavedState, ASHAScheduler):
+class TrialASHA(SavedState, ASHAScheduler):
     """Tune's ASHA (one bracket) with its rungs and stop decisions saved to the sweep directory."""
 
     def __init__(self, state_file: str, **kwargs):
@@ -123,18 +52,11 @@ class TrialASHA(_SavedState, ASHAScheduler):
         self.stopped: dict[str, tuple[float, float]] = {}  # trial_id -> (rung kimg, its metric there)
         self._loaded = False
 
-    def _load(self) -> None:
-        saved = self._read_saved()
-        if saved is None:
-            return
-        snapshot, events = saved
-        if snapshot is not None:
-            rungs = {round(m, 9): recorded for m, recorded in snapshot["rungs"]}
-            for milestone, recorded in self._brackets[0]._rungs:
-                recorded.update(rungs.get(round(milestone, 9), {}))
-            self.stopped = {t: tuple(v) for t, v in snapshot["stopped"].items()}
-        for kind, *args in events:
-            self._set(kind, *args, log=False)
+    def _restore(self, snapshot: dict) -> None:
+        rungs = {round(m, 9): recorded for m, recorded in snapshot["rungs"]}
+        for milestone, recorded in self._brackets[0]._rungs:
+            recorded.update(rungs.get(round(milestone, 9), {}))
+        self.stopped = {t: tuple(v) for t, v in snapshot["stopped"].items()}
 
     def _state(self) -> dict:
         rungs = [[m, recorded] for m, recorded in self._brackets[0]._rungs]
@@ -194,7 +116,7 @@ class TrialASHA(_SavedState, ASHAScheduler):
         return self.stopped.get(trial_id)
 
 
-class ConfigASHA(_SavedState, FIFOScheduler):
+class ConfigASHA(SavedState, FIFOScheduler):
     """Successive halving over configurations, judged on the mean over their seeds.
 
     At each rung, a configuration is judged once every one of its **expected** seeds (from the sweep's
@@ -251,23 +173,16 @@ class ConfigASHA(_SavedState, FIFOScheduler):
     # --- persistence ---------------------------------------------------------------------------
     FLAGS = ("ended", "finished", "diverged", "errored")
 
-    def _load(self) -> None:
-        saved = self._read_saved()
-        if saved is None:
-            return
-        snapshot, events = saved
-        if snapshot is not None:
-            self.records.update(snapshot["records"])
-            self.means.update(snapshot["means"])
-            self.decided = snapshot["decided"]
-            self.decisions = snapshot.get("decisions", {})
-            self.stopped = {c: tuple(v) for c, v in snapshot["stopped"].items()}
-            for name in self.FLAGS:
-                setattr(self, name, set(snapshot.get(name, [])))
-            for tid, config in snapshot.get("config_of", {}).items():
-                self._set("config_of", tid, config, log=False)
-        for kind, *args in events:
-            self._set(kind, *args, log=False)
+    def _restore(self, snapshot: dict) -> None:
+        self.records.update(snapshot["records"])
+        self.means.update(snapshot["means"])
+        self.decided = snapshot["decided"]
+        self.decisions = snapshot.get("decisions", {})
+        self.stopped = {c: tuple(v) for c, v in snapshot["stopped"].items()}
+        for name in self.FLAGS:
+            setattr(self, name, set(snapshot.get(name, [])))
+        for tid, config in snapshot.get("config_of", {}).items():
+            self._set("config_of", tid, config, log=False)
 
     def _state(self) -> dict:
         return {"unit": "config", "records": self.records, "means": self.means, "decided": self.decided,
@@ -275,7 +190,7 @@ class ConfigASHA(_SavedState, FIFOScheduler):
                 **{name: sorted(getattr(self, name)) for name in self.FLAGS}}
 
     def _set(self, kind: str, *args: Any, log: bool = True) -> None:
-        """Every change of the state goes through here, and into the journal (see _SavedState)."""
+        """Every change of the state goes through here, and into the journal (see SavedState)."""
         if kind == "config_of":
             tid, config = args
             previous = self.config_of.get(tid)

@@ -130,3 +130,28 @@ class SweepDir:
         self.lock_path.unlink(missing_ok=True)  # while still locked: nobody can take it in between
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+def delete_checkpoints(trials: list[dict], keep: str) -> list[str]:
+    """Delete the checkpoints `keep` ("all" | "completed" | "none") does not keep, once a sweep has ended;
+    returns the trial ids whose checkpoint went. A path is local, or an s3:// / gs:// URI (pyarrow's file
+    systems, with the credentials the driver has)."""
+    import shutil
+
+    gone = []
+    for row in trials:
+        path = row.get("checkpoint_path")
+        if not path or keep == "all" or (keep == "completed" and row.get("status") == "completed"):
+            continue
+        try:  # Tune keeps one checkpoint per trial (num_to_keep=1): the one the table names
+            if "://" in path:
+                from pyarrow import fs
+
+                filesystem, where = fs.FileSystem.from_uri(path)
+                filesystem.delete_dir(where)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            gone.append(row["trial_id"])
+        except (OSError, ValueError):
+            continue  # kept: a warning would not help more than the path still being listed
+    return gone

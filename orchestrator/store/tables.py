@@ -312,3 +312,28 @@ class ResultsWriter:
     def close(self) -> None:
         self.flush()
         compact(self.dir)
+
+
+EXPORT_FORMATS = ("parquet", "csv")
+
+
+def export_table(sweep_dir: Path, name: str, fmt: str, out: Path) -> int:
+    """Write the table `name` as it stands now (a running sweep's part files included) to `out`, atomically;
+    returns its row count. Raises ResultsFormatError for a newer layout, OSError when `out` can't be written."""
+    import pyarrow.csv as pacsv
+
+    table = read_table(sweep_dir, name)
+    if table is None:
+        table = to_table([], EVALUATION_COLUMNS if name == "evaluations" else TRIAL_COLUMNS, {})
+    if fmt == "parquet":
+        write_atomic(table, out)
+        return table.num_rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        pacsv.write_csv(table, tmp)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return table.num_rows

@@ -100,7 +100,7 @@ class Resources(BaseModel):
 
 
 # Not part of fingerprint(): they change how trials are scheduled, not what they compute.
-_NOT_FINGERPRINTED = {"description", "resources", "max_concurrent", "max_failures"}
+_NOT_FINGERPRINTED = {"description", "resources", "max_concurrent", "max_failures", "keep_checkpoints"}
 
 
 class Sweep(BaseModel):
@@ -122,6 +122,9 @@ class Sweep(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: int | None = Field(None, ge=1)
     max_failures: int = Field(2, ge=0)
+    # Which trials' checkpoints stay when the sweep ends: all, completed ones only (stopped, diverged and errored
+    # trials' are deleted), or none.
+    keep_checkpoints: Literal["all", "completed", "none"] = "completed"
     tracking: Tracking | None = None  # W&B / MLflow loggers (orchestrator.sweepfile.tracking)
 
     _source_path: str = PrivateAttr("")

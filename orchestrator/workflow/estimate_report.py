@@ -20,6 +20,7 @@ from orchestrator.workflow.estimate import (
     asha_of,
     budget_of,
     cost_key,
+    evaluation_points,
     measure_sweep,
     threads_of,
 )
@@ -135,6 +136,7 @@ def print_estimate(spec, console: Console, *, measure: Callable[..., SweepEstima
             )
     lines.append(_based_on(est, budget))
     lines.append(_memory_line(est))
+    lines.append(_disk_line(est, budget))
     lines.append(_per_gpu_line(est))
     lines.extend(est.notes)
     if not est.on_cuda and (spec.resources.gpu > 0 or str(spec.train.device).startswith("cuda")):
@@ -236,3 +238,35 @@ def _per_gpu_line(est: SweepEstimate) -> str:
         text + f"; memory fits floor({mib(total)} / {mib(need)}) = {fit} of the largest model: "
         f"{min(by_share, fit)} fit on one {largest.iteration.device_label}"
     )
+
+
+def checkpoint_bytes(cfg: TrialConfig) -> int:
+    """A trial's checkpoint: the float32 weights and both Adam moments of its networks (built on the meta
+    device: no memory, no time), plus their buffers."""
+    import torch
+
+    from gan.models import build_models
+
+    with torch.device("meta"):
+        models = build_models(cfg.model)
+    params = sum(p.numel() for m in models.values() for p in m.parameters())
+    buffers = sum(b.numel() for m in models.values() for b in m.buffers())
+    return 4 * (3 * params + buffers)
+
+
+def _disk_line(est: SweepEstimate, budget: Budget) -> str:
+    """What the sweep writes to disk: each trial keeps one checkpoint (Tune keeps the latest), so while it runs
+    at most one per trial; after it, `keep_checkpoints` decides; and one sample grid per evaluation."""
+    per_model = {name: checkpoint_bytes(m.cfg) for name, m in est.models.items()}
+    per_trial = [per_model[name] for name in est.model_of]
+    grids = len(evaluation_points(budget)) * len(per_trial)
+    cfg = next(iter(est.models.values())).cfg
+    grid_bytes = grids * cfg.eval.grid_size**2 * cfg.data.image_size**2 * 3  # raw RGB: a PNG is no larger
+    keep = getattr(est.spec, "keep_checkpoints", "completed")
+    kept = {"all": "all of them stay", "none": "none stay",
+            "completed": "those of completed trials stay (at most the total above, without early stopping)"}[keep]
+    return (f"disk: checkpoints {mib(min(per_trial))}"
+            + (f" to {mib(max(per_trial))}" if max(per_trial) != min(per_trial) else "")
+            + f" per trial (float32 weights and Adam moments), at most {mib(sum(per_trial))} for all "
+            f"{len(per_trial)} trials while the sweep runs; after it, keep_checkpoints: {keep}: {kept}; sample "
+            f"grids at most {mib(grid_bytes)} ({grids} evaluations)")

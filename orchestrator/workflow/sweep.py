@@ -27,7 +27,7 @@ from orchestrator.store.failures import (  # every status not in ENDED is unfini
     ERROR,
 )
 from orchestrator.store.provenance import record_provenance
-from orchestrator.store.sweep_dir import SweepDir
+from orchestrator.store.sweep_dir import SweepDir, delete_checkpoints
 from orchestrator.store.tables import EVAL_KEYS, ResultsWriter, compact, parameter_columns, parameter_row
 from orchestrator.sweepfile.sections import Sweep
 
@@ -143,6 +143,9 @@ def _run(
         unfinished, total = record_unfinished(sweep, writer)
     else:
         unfinished = total = total_trials(sweep)
+    if not unfinished:  # the sweep has ended: keep_checkpoints decides which checkpoints stay
+        for trial_id in delete_checkpoints(list(writer.trials.values()), sweep.keep_checkpoints):
+            writer.update_trial(trial_id, checkpoint_path=None)
     writer.close()
     if unfinished:
         raise SweepInterrupted(stop.signum, unfinished, total, resumable)
