@@ -192,3 +192,32 @@ def test_provenance_is_recorded_per_run_and_a_changed_resume_warns(tmp_path, mon
     assert len([json.loads(x) for x in (tmp_path / PROVENANCE_FILE).read_text().splitlines()]) == 3  # both kept
     changed = changes({"data": {"fingerprint": "a"}}, {"data": {"fingerprint": "b"}})
     assert changed[0].startswith("--resume on other data")
+
+
+def test_results_command_exports_a_running_sweeps_tables(tmp_path):
+    import csv
+
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    sweep_dir = tmp_path / "results" / "s"
+    writer = ResultsWriter(sweep_dir, "s", ["seed"], flush_rows=1)  # still "running": parts, no compaction
+    (sweep_dir / "fingerprint").write_text("x\n")
+    writer.update_trial("t0", seed=0, status="running")
+    writer.add_evaluation(evaluation("t0", 1.0, 50.0))
+    writer.add_evaluation(evaluation("t0", 1.0, 45.0))  # re-reported: one row
+    runner = CliRunner()
+    out = tmp_path / "evals.csv"
+    result = runner.invoke(app, ["results", "--results", str(tmp_path / "results"), "--table", "evaluations",
+                                 "--format", "csv", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["trial_id"], float(r["fid"])) for r in rows] == [("t0", 45.0)]
+    result = runner.invoke(app, ["results", "--results", str(tmp_path / "results"), "--table", "trials",
+                                 "--out", str(tmp_path / "trials.parquet")])
+    assert result.exit_code == 0 and pq.read_table(tmp_path / "trials.parquet").column("status").to_pylist() == [
+        "running"]
+    assert part_files(sweep_dir, "evaluations")  # reading compacted nothing: the sweep's own files untouched
+    bad = runner.invoke(app, ["results", "--results", str(tmp_path / "nope"), "--table", "trials", "--out", "x"])
+    assert bad.exit_code == 2 and "no results directory" in bad.output
