@@ -274,7 +274,7 @@ def leaderboard(
         None,
         "--at-kimg",
         help=(
-            "Compare every trial that reached an evaluation at this kimg, on that evaluation (default: the final FID)."
+            "Compare every trial on its first evaluation at or past this kimg (default: the final FID)."
         ),
     ),
     baseline: str | None = typer.Option(
@@ -376,7 +376,7 @@ def report(
     ),
     top: int = typer.Option(4, "--top", min=1, help="Show the sample grids of the best N trials."),
     at_kimg: float | None = typer.Option(
-        None, "--at-kimg", help=("Compare trials at this kimg instead of on the final FID.")
+        None, "--at-kimg", help=("Compare trials on their first evaluation at or past this kimg, not the final FID.")
     ),
     baseline: str | None = typer.Option(
         None, "--baseline", help=("KEY=VALUE: differences to this group (with --group-by or the default grouping).")
@@ -411,6 +411,37 @@ def report(
     except user_errors() as exc:
         fail(str(exc))
     console.print(f"report: {path}")
+
+
+
+class TableName(str, Enum):
+    evaluations = "evaluations"
+    trials = "trials"
+
+
+class ExportFormat(str, Enum):
+    parquet = "parquet"
+    csv = "csv"
+
+
+@app.command("results")
+def results_command(
+    results: Path = typer.Option(DEFAULT_RESULTS, "--results", help="Results root."),
+    sweep_name: str | None = typer.Option(None, "--sweep", help="Sweep name (needed when the root holds several)."),
+    table: TableName = typer.Option(..., "--table", help="evaluations | trials"),
+    fmt: ExportFormat = typer.Option(ExportFormat.parquet, "--format", help="parquet | csv"),
+    out: Path = typer.Option(..., "--out", help="File to write (replaced atomically)."),
+) -> None:
+    """Export one of a sweep's tables as it stands now, also while the sweep runs (its part files included)."""
+    from orchestrator.store.tables import ResultsFormatError, export_table
+
+    try:
+        rows = export_table(find_sweep(results, sweep_name), table.value, fmt.value, out)
+    except (ResultsError, ResultsFormatError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{out}: cannot write ({exc.strerror or exc})")
+    console.print(f"{table.value}: {rows} rows -> {out}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torchvision.utils
@@ -23,7 +24,8 @@ SWEEP_YAML = """\
 name: variants-demo
 description: USE <vs> DCGAN & friends
 method: grid
-eval: {extractor: tiny-conv, every_kimg: 20}
+train: {kimg: 80}
+eval: {extractor: tiny-conv, every_kimg: 20, fid_samples: 256, final_fid_samples: 256}
 parameters:
   variant: {values: [dcgan, use-gan]}
   seed: {values: [0, 1, 2]}
@@ -78,6 +80,7 @@ def build_sweep(root: Path, trials: dict = TRIALS, widths: dict[str, str] | None
             kimg_budget=KIMG_BUDGET, evaluations=len(evaluations), grid_path=last["grid_path"],
             run_dir=str(grids.parent), data_source="synthetic", started=start, ended=start + timedelta(hours=1),
         )
+    writer.close()
     return sweep_dir
 
 
@@ -120,9 +123,10 @@ def test_grouped_leaderboard_has_variant_means_with_95_ci_then_ranked_trials(rep
     # and one diverged: half its key's trials diverged, so it is listed unranked, its mean beside the count.
     rows = re.findall(r"<tr[^>]*>(.*?)</tr>", groups.split("<tbody>")[1])
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows]
-    assert [c[:9] for c in cells] == [
-        ["1", "use-gan", "3", "2", "1", "0", "0", "55.00", "55.00 ± 63.53"],
-        ["-", "dcgan", "3", "1", "1", "1", "0",
+    # columns: rank, variant, n, n in mean, completed, stopped early, diverged, error, median, mean ± CI
+    assert [c[:10] for c in cells] == [
+        ["1", "use-gan", "3", "2", "2", "1", "0", "0", "55.00", "55.00 ± 63.53"],
+        ["-", "dcgan", "3", "1", "1", "1", "1", "0",
          "unranked: diverged on 1 of 2 trials (half or more: its median is the worst outcome)",
          "80.00 (n=1) (1 of 3 diverged)"],
     ]
@@ -173,7 +177,9 @@ def test_missing_or_empty_results_raise_a_one_line_error(tmp_path):
     # The store's reader says there is nothing to read (the leaderboard's errors are a kind of it).
     with pytest.raises(ResultsError, match="no trials recorded yet"):
         write_report(tmp_path)
-    ResultsWriter(tmp_path, "empty", ["variant"]).update_trial("t0", variant="dcgan", status="running")
+    writer = ResultsWriter(tmp_path, "empty", ["variant"])
+    writer.update_trial("t0", variant="dcgan", status="running")
+    writer.close()
     with pytest.raises(ResultsError, match="no trial has an evaluation yet"):
         write_report(tmp_path)
 
@@ -206,3 +212,33 @@ def test_grid_paths_outside_the_sweep_directory_are_not_embedded(tmp_path):
     outside = r"Sample grid outside the sweep directory, not embedded, for: ([^<]*<code>[^<]*</code>[^<]*)+"
     note = re.search(outside, page)
     assert note and "t3" in note.group(0) and "t4" in note.group(0)
+
+
+def test_default_grouping_is_every_varying_parameter_but_the_seed_so_it_never_pools(tmp_path):
+    # Both variants ran both widths: grouping by variant alone would average over two configurations.
+    widths = {"t0": "64-32-16", "t1": "32-16-8", "t2": "64-32-16", "t3": "32-16-8", "t4": "64-32-16", "t5": "32-16-8"}
+    page = write_report(build_sweep(tmp_path, TRIALS, widths), tmp_path / "r.html").read_text()
+    assert "<h3>By g_widths, variant: ranked on the median final FID" in page
+    assert "mixes" not in page and "configurations</th>" not in page
+    # Asked for explicitly, a grouping in which every group mixes widths is refused, or averaged with --pool.
+    with pytest.raises(LeaderboardError, match=r"add it \(--group-by variant,g_widths\), or pass --pool"):
+        write_report(tmp_path / "variants-demo", tmp_path / "r2.html", group_by=["variant"])
+    page = write_report(tmp_path / "variants-demo", tmp_path / "r2.html", group_by=["variant"], pool=True).read_text()
+    assert "<td>2 (g_widths)</td>" in page and "averaged over them (--pool)" in page
+
+
+def test_final_fid_is_its_own_marker_not_joined_to_the_curve(report):
+    from orchestrator.analysis.report import split_final
+
+    curve = pd.DataFrame({"kimg": [20.0, 40.0, 80.0], "fid": [90.0, 70.0, 50.0], "final": [False, False, True]})
+    steps, final = split_final(curve)
+    assert list(steps["kimg"]) == [20.0, 40.0] and list(final["kimg"]) == [80.0]
+    assert split_final(curve.drop(columns="final"))[1].empty  # tables without the column: all intermediate
+    page = report.read_text()
+    assert "the FID during training (FID-256); diamonds: the final FID (FID-256), a separate evaluation, drawn on " \
+           "its own and not joined to the line" in page
+
+
+def test_report_passes_the_interval_method_to_its_tables(tmp_path):
+    page = write_report(build_sweep(tmp_path), tmp_path / "r.html", ci="bootstrap").read_text()
+    assert "mean ± bootstrap 95% CI" in page and "55.00 [50.00, 60.00]" in page

@@ -11,6 +11,7 @@ Holm adjustment within the block, the probability of improvement with its bootst
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,16 +97,18 @@ def difference(group: pd.DataFrame, base: pd.DataFrame, pair_on: list[str]) -> d
                                                           f"{len(base)} in the baseline"}
     keys_g = [tuple(str(v) for v in r) for r in group[pair_on].itertuples(index=False)]
     keys_b = [tuple(str(v) for v in r) for r in base[pair_on].itertuples(index=False)]
-    if pair_on and len(set(keys_g)) == len(keys_g) and sorted(keys_g) == sorted(keys_b):
-        a = group.assign(_k=keys_g).sort_values("_k")["fid"].to_numpy(float)
-        b = base.assign(_k=keys_b).sort_values("_k")["fid"].to_numpy(float)
-        result = stats.ttest_rel(a, b)
-        test, diff, paired = "paired t", float(np.mean(a - b)), True
-    else:
-        a, b = group["fid"].to_numpy(float), base["fid"].to_numpy(float)
-        result = stats.ttest_ind(a, b, equal_var=False)
-        test, diff, paired = "Welch t", float(np.mean(a) - np.mean(b)), False
-    low, high = result.confidence_interval(0.95)
+    with warnings.catch_warnings():  # equal values (a constant difference): no variance, p and CI null
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if pair_on and len(set(keys_g)) == len(keys_g) and sorted(keys_g) == sorted(keys_b):
+            a = group.assign(_k=keys_g).sort_values("_k")["fid"].to_numpy(float)
+            b = base.assign(_k=keys_b).sort_values("_k")["fid"].to_numpy(float)
+            result = stats.ttest_rel(a, b)
+            test, diff, paired = "paired t", float(np.mean(a - b)), True
+        else:
+            a, b = np.sort(group["fid"].to_numpy(float)), np.sort(base["fid"].to_numpy(float))  # order-free bootstrap
+            result = stats.ttest_ind(a, b, equal_var=False)
+            test, diff, paired = "Welch t", float(np.mean(a) - np.mean(b)), False
+        low, high = result.confidence_interval(0.95)
     pi_low, pi_high = prob_improvement_ci(a, b, paired)
     return {"diff_fid": diff, "diff_ci95_low": _finite_or_none(low), "diff_ci95_high": _finite_or_none(high),
             "p_value": _finite_or_none(result.pvalue), "test": test,

@@ -107,9 +107,10 @@ def _group_section(board: Board, by: list[str], rows: list[dict[str, Any]], p: s
     unfinished = any(r["n_unfinished"] for r in rows)
     mixed = any(r["n_configs"] > 1 for r in rows)
     ci_name = "bootstrap 95% CI" if ci == "bootstrap" else "95% CI"
+    over = "completed" if board.at_kimg is None else "measured there"
     headers = ["rank", *by, "n", "n in mean", "completed", "stopped early", "diverged", "error",
                *(["unfinished"] if unfinished else []), *(["configurations"] if mixed else []),
-               f"{label} median (ranking key)", f"{label} (mean ± {ci_name} of completed)",
+               f"{label} median (ranking key)", f"{label} (mean ± {ci_name} of {over})",
                f"IS (mean ± {ci_name})", "stopped by ASHA (FID there)"]
     family = sum(r.get("p_value") is not None for r in rows)
     if baseline:
@@ -128,13 +129,16 @@ def _group_section(board: Board, by: list[str], rows: list[dict[str, Any]], p: s
         if baseline:
             cells += _comparison_cells(r)
         body.append(cells)
-    notes = [f"groups {ranking_title(board)}", f"mean ± {ci_name} over completed trials"]
+    notes = [f"groups {ranking_title(board)}",
+             f"mean ± {ci_name} over {'completed trials' if board.at_kimg is None else 'trials measured there'}"]
     if any(r.get("ci_warning") for r in rows):
         notes.append(f"{SMALL_BOOTSTRAP} bootstrap interval from fewer than {BOOTSTRAP_MIN_N} values: likely "
                      "narrower than 95%")
-    if baseline:
-        notes.append(f"{family} comparisons with {rows[0]['baseline']}, Holm-adjusted; P(better): probability "
-                     "of a lower FID than the baseline, percentile bootstrap 95% CI")
+    if baseline and family:
+        notes.append(f"{family} comparison{'s' if family > 1 else ''} with {rows[0]['baseline']}, Holm-adjusted; "
+                     "P(better): probability of a lower FID than the baseline, percentile bootstrap 95% CI")
+    elif baseline:
+        notes.append(f"no comparison with {rows[0]['baseline']} could be tested (the last column says why)")
     if mixed:
         notes.append("rows with several configurations are averaged over them (--pool)" if board.pool else
                      "rows with several configurations get no mean, rank or test (add the parameters named to "
@@ -155,7 +159,7 @@ def _comparison_cells(r: dict[str, Any]) -> list[str]:
 
 def why(row: dict[str, Any]) -> str:
     if row.get("stopped_at_kimg") is not None:
-        return f"stopped by ASHA: {stopped_text(row)}"
+        return f"stopped by ASHA on {stopped_text(row)}"
     if row.get("reason"):
         return str(row["reason"])
     return {"stopped_early": "stopped by ASHA", "pending": "never started", "running": "still running",

@@ -39,7 +39,8 @@ MIN_RANKED = 2  # trials a group's ranking key must rest on
 
 def mean_interval(values: Any, method: str = "t") -> dict[str, Any]:
     """Mean and 95% interval: Student t (symmetric: `half`) or a seeded percentile bootstrap (low, high)."""
-    x = np.asarray([float(v) for v in values if v is not None and math.isfinite(float(v))], dtype=float)
+    # Sorted: the bootstrap's draws then depend on the values only, never on the order of rows in the tables.
+    x = np.sort(np.asarray([float(v) for v in values if v is not None and math.isfinite(float(v))], dtype=float))
     out: dict[str, Any] = {"mean": None, "half": None, "low": None, "high": None, "warning": None}
     if len(x) == 0:
         return out

@@ -158,8 +158,12 @@ def board_warnings(board: Board) -> list[str]:
 def ranking_title(board: Board) -> str:
     """How a grouped board is ranked: the failure policy, said in the table's title."""
     what = f"median {board.label}"
+    measured = "completed trials" if board.at_kimg is None else "trials measured there"
     if board.failures == "exclude":
-        return f"ranked on the {what} of completed trials only (--failures exclude: diverged trials left out)"
+        return f"ranked on the {what} of {measured} only (--failures exclude: diverged trials left out)"
+    if board.at_kimg is not None:
+        return (f"ranked on the {what} over trials measured there and diverged ones (a diverged trial without a "
+                "number there counts as the worst)")
     return f"ranked on the {what} over completed and diverged trials (a diverged trial counts as the worst)"
 
 

@@ -294,8 +294,8 @@ def curves_section(
         scale = f" The FID axis of {', '.join(log_axes)} is log scale (its range spans more than 10x)."
     what = f"the FID during training ({', '.join(during) or 'none yet'})"
     if final:
-        what += (f"; diamonds: the final FID ({', '.join(final)}), another measurement (its own sample count), "
-                 "drawn on its own and not joined to the line")
+        apart = "measured with another sample count" if final != during else "a separate evaluation"
+        what += f"; diamonds: the final FID ({', '.join(final)}), {apart}, drawn on its own and not joined to the line"
     parts.append(
         f'<figure><img id="fid-curves" alt="FID against kimg for every trial" src="{data_uri(png)}">'
         f"<figcaption>One line per trial, coloured by {esc(', '.join(by) if by else 'trial')}: {esc(what)}. "
@@ -361,7 +361,7 @@ def fid_curves_png(
             log_axes.append(extractor)
         ax.set_title(f"FID ({extractor}); lower is better", fontsize=10)
         ax.set_xlabel("kimg (thousands of real images shown to D)")
-        ax.set_ylabel(f"{'/'.join(_sample_labels(during)) or 'FID'} during training")
+        ax.set_ylabel("FID")
         ax.grid(True, which="both", alpha=0.3)
 
     handles = [Line2D([], [], color=colours[k], linewidth=2.5, label=k) for k in keys[:MAX_LEGEND_GROUPS]]
