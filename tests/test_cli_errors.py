@@ -145,6 +145,7 @@ def bad_sweep_runs(tmp_path_factory) -> tuple[Path, dict[str, Run]]:
     return root, run_all(cases, root, tmp_path_factory.getbasetemp() / "gan-cache")
 
 
+@pytest.mark.slow  # one CLI process per bad file: ~30 s of start-ups on 2 cores
 @pytest.mark.parametrize("case", sorted(BAD_SWEEPS))
 def test_bad_sweep_file_fails_with_one_line_before_anything_starts(case, bad_sweep_runs):
     root, runs = bad_sweep_runs
@@ -157,12 +158,14 @@ def test_bad_sweep_file_fails_with_one_line_before_anything_starts(case, bad_swe
     assert not (root / "runs" / case / MARKER).exists()  # the YAML tag was not executed
 
 
+@pytest.mark.slow  # one CLI process per bad file: ~30 s of start-ups on 2 cores
 def test_missing_sweep_file(bad_sweep_runs):
     root, runs = bad_sweep_runs
     assert_one_line_error(runs["file-not-found"], str(root / "missing.yaml"), "file not found")
     assert not (root / "results" / "missing").exists()
 
 
+@pytest.mark.slow  # one CLI process per bad file: ~30 s of start-ups on 2 cores
 def test_dry_run_prints_the_trials_and_starts_nothing(bad_sweep_runs):
     root, runs = bad_sweep_runs
     run = runs["dry-run"]

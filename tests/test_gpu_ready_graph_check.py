@@ -59,6 +59,7 @@ def run_check(variant="cmhsa-gan", **kwargs):
     return graph_check.check(cfg, images(), torch.device("cpu"), iterations=ITERATIONS, exact=EXACT, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["dcgan", "use-cmhsa-gan"])
 def test_a_faithful_replay_agrees(monkeypatch, variant):
     use_graph(monkeypatch, EmulatedGraph)

@@ -177,7 +177,7 @@ class EmulatedGraph:
         self.replays += 1
 
 
-@pytest.mark.parametrize("d_steps", [1, 2])
+@pytest.mark.parametrize("d_steps", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_replayed_iterations_equal_eager_ones(monkeypatch, d_steps):
     """The host-side logic around replays (reshuffle before a replay, an eager iteration where an epoch ends
     inside it, loss counts, batch position) gives exactly the eager run."""
@@ -208,6 +208,7 @@ def run_trial(tmp_path, name, **train):
     return result, reports
 
 
+@pytest.mark.slow
 def test_capture_failure_is_one_line_and_training_goes_on_eagerly(tmp_path, monkeypatch, capsys):
     _, eager = run_trial(tmp_path, "eager", cuda_graph="off")
     capsys.readouterr()
