@@ -154,7 +154,8 @@ def bench_size(sweep, n_rows: int, calls: int, legacy: bool) -> dict:
 
 def bench_tune(sweep, n_trials: int) -> dict:
     """A real Tune run of `n_trials` short trials (mock trainable, 4 results each) through our callback and
-    ConfigASHA; the time spent in our callback methods against the driver's wall time."""
+    ConfigASHA; the time spent in our callback methods (get_state's flushes included) against the driver's
+    wall time."""
     import ray
     from ray import tune
 
@@ -172,9 +173,21 @@ def bench_tune(sweep, n_trials: int) -> dict:
             super().on_trial_complete(*args, **kwargs)
             spent["s"] += time.perf_counter() - start
 
+        def get_state(self):
+            start = time.perf_counter()
+            state = super().get_state()
+            spent["s"] += time.perf_counter() - start
+            spent["flushes"] = spent.get("flushes", 0) + 1
+            return state
+
     def mock(config):
+        # Each report carries a (tiny) checkpoint, as every evaluation of a real trial does: with num_to_keep=1
+        # Tune then saves its experiment state, and calls our get_state, after each one.
         for k in range(4):
-            tune.report({"kimg": 0.25 * (k + 1), "fid": 40.0 - k, "extractor": "tiny-conv", "fid_samples": 64})
+            with tempfile.TemporaryDirectory() as ckpt:
+                Path(ckpt, "state.txt").write_text(str(k))
+                tune.report({"kimg": 0.25 * (k + 1), "fid": 40.0 - k, "extractor": "tiny-conv", "fid_samples": 64},
+                            checkpoint=tune.Checkpoint.from_directory(ckpt))
 
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
         sweep_dir = Path(tmp)
@@ -189,12 +202,14 @@ def bench_tune(sweep, n_trials: int) -> dict:
                 param_space={"params": tune.grid_search(trials)},
                 tune_config=tune.TuneConfig(metric="fid", mode="min", scheduler=scheduler, reuse_actors=True),
                 run_config=tune.RunConfig(storage_path=str(sweep_dir / "tune"), name="bench", verbose=0,
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # as a sweep
                                           callbacks=[Timed(sweep, str(sweep_dir), scheduler=scheduler)]),
             ).fit()
             wall = time.perf_counter() - start
         finally:
             ray.shutdown()
-    return {"trials": n_trials, "results": spent["results"], "wall_s": round(wall, 1),
+    return {"trials": n_trials, "results": spent["results"], "get_state_calls": spent.get("flushes", 0),
+            "wall_s": round(wall, 1),
             "callback_ms_per_result": round(1000 * spent["s"] / max(spent["results"], 1), 3),
             "callback_share_of_wall": f"{100 * spent['s'] / wall:.2f}%"}
 

@@ -18,7 +18,7 @@ import urllib.request
 
 import psutil
 import pytest
-import ray  # noqa: F401  (importing Ray puts its bundled psutil on sys.path)
+import ray  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

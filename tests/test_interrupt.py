@@ -15,13 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
-import ray  # noqa: F401  (importing Ray puts its bundled psutil on sys.path)
+
+from orchestrator.store.tables import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 ENDED = {"completed", "stopped_early", "diverged", "error"}
@@ -95,12 +97,24 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_for_evaluations(proc: subprocess.Popen, sweep_dir: Path, log: Path, timeout: float = 400) -> None:
+def wait_for_evaluations(proc: subprocess.Popen, sweep_dir: Path, log: Path, timeout: float = 400,
+                         of_one_trial: int = 1) -> None:
+    """Until `of_one_trial` evaluations of one trial are recorded (evaluations.parquet itself is written at the
+    end). Tune records a reported checkpoint only after the result's callback and before the trial's next
+    evaluation: a second row proves that the first one's checkpoint is in the state Tune saves."""
     deadline = time.monotonic() + timeout
-    while not (sweep_dir / "evaluations.parquet").exists():
+    while max(Counter(e["trial_id"] for e in evaluations_so_far(sweep_dir)).values(), default=0) < of_one_trial:
         assert proc.poll() is None, f"sweep ended before its first evaluation:\n{log.read_text()[-4000:]}"
         assert time.monotonic() < deadline, "no evaluation written"
         time.sleep(0.2)
+
+
+def evaluations_so_far(sweep_dir: Path) -> list[dict]:
+    """The evaluations as a reader sees them while the sweep runs (compacted rows and part files)."""
+    try:
+        return read_rows(sweep_dir, "evaluations")
+    except OSError:  # a part merged while we listed
+        return []
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> int:
@@ -132,6 +146,18 @@ def assert_interrupted(output: str, total: int, trials: list[dict], resume_comma
     assert any(t["status"] == "interrupted" for t in trials)  # it was interrupted while trials ran
 
 
+def shift_checkpoints(sweep_dir: Path, trial_ids: list[str]) -> dict[str, str]:
+    """Rename each trial's checkpoint_N directories to checkpoint_N+1, newest first; trial -> its newest now."""
+    newest = {}
+    for trial_id in trial_ids:
+        for trial_dir in (sweep_dir / "tune").glob(f"*_{trial_id}_*"):
+            for checkpoint in sorted(trial_dir.glob("checkpoint_*"), reverse=True):
+                moved = checkpoint.with_name(f"checkpoint_{int(checkpoint.name.removeprefix('checkpoint_')) + 1:06d}")
+                checkpoint.rename(moved)
+                newest.setdefault(trial_id, moved.name)
+    return newest
+
+
 @pytest.mark.slow
 def test_sigint_stops_the_smoke_sweep_and_resume_finishes_it(tmp_path, ray_tmpdir):
     results = tmp_path / "results"
@@ -141,7 +167,7 @@ def test_sigint_stops_the_smoke_sweep_and_resume_finishes_it(tmp_path, ray_tmpdi
     log = tmp_path / "first.log"
     proc = start(args, env, log)
     try:
-        wait_for_evaluations(proc, sweep_dir, log)
+        wait_for_evaluations(proc, sweep_dir, log, of_one_trial=2)
         proc.send_signal(signal.SIGINT)
         returncode = finish(proc, timeout=180)
     finally:
@@ -153,6 +179,11 @@ def test_sigint_stops_the_smoke_sweep_and_resume_finishes_it(tmp_path, ray_tmpdi
     assert_interrupted(output, 6, trials, f"orchestrator sweep sweeps/smoke.yaml --resume --results {results}")
     assert evaluations and {e["trial_id"] for e in evaluations} <= {t["trial_id"] for t in trials}
     assert not wait_for_ray_processes_to_end(ray_tmpdir, timeout=90)  # the first driver's Ray is gone
+    # What a driver killed at the wrong moment leaves (Ray deletes a trial's old checkpoint before it saves the
+    # state that names the new one): each interrupted trial's saved state names a checkpoint that is gone,
+    # and a newer one exists. Shifting every checkpoint directory up by one index makes exactly that.
+    shifted = shift_checkpoints(sweep_dir, [t["trial_id"] for t in trials if t["status"] == "interrupted"])
+    assert shifted, "no interrupted trial had a checkpoint"
 
     log = tmp_path / "resume.log"
     proc = start([*args, "--resume"], env, log)
@@ -161,6 +192,14 @@ def test_sigint_stops_the_smoke_sweep_and_resume_finishes_it(tmp_path, ray_tmpdi
     assert returncode == 0 and "done:" in output, output[-4000:]
     resumed, after = tables(sweep_dir)
     assert len(resumed) == 6 and {t["status"] for t in resumed} <= ENDED
+    # Each trial whose saved state named a checkpoint resumed from its newest one that exists, and says so (one
+    # interrupted before Tune recorded any checkpoint of it restarts, as it would anyway).
+    notes = {t["trial_id"]: re.fullmatch(r"resumed from (checkpoint_\d+): its saved state named (checkpoint_\d+), "
+                                         r"which no longer exists", t["reason"] or "") for t in resumed}
+    notes = {trial_id: note for trial_id, note in notes.items() if note}
+    assert notes, [t["reason"] for t in resumed]
+    for trial_id, note in notes.items():
+        assert note[1] == shifted[trial_id] and note[2] < note[1], note
     assert sorted((t["variant"], t["seed"]) for t in resumed) == sorted((t["variant"], t["seed"]) for t in trials)
     keys = [(e["trial_id"], round(e["kimg"], 6)) for e in after]
     assert len(keys) == len(set(keys))

@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-import ray  # noqa: F401  (importing Ray puts its bundled psutil on sys.path)
+import ray  # noqa: F401
 
 from orchestrator.store.tables import read_rows
 
@@ -105,14 +105,12 @@ class LocalCluster:
         )
         self._wait_started("head")
         for name in workers:  # one at a time: nodes starting together race for the same socket file names
-            self._spawn(
-                name,
-                f"--address={self.address}",
-                f"--num-cpus={worker_cpus}",
-                f"--num-gpus={worker_gpus}",
-                private=(private or {}).get(name),
-            )
-            self._wait_started(name)
+            self.add_worker(name, (private or {}).get(name), cpus=worker_cpus, gpus=worker_gpus)
+
+    def add_worker(self, name: str, private: Path | None = None, *, cpus: int = 1, gpus: int = 0) -> None:
+        """Start a worker node and wait until it runs (`private`: as in `start`)."""
+        self._spawn(name, f"--address={self.address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}", private=private)
+        self._wait_started(name)
 
     def node_id(self, name: str) -> str:
         """The Ray node id of a node: its raylet's --node_id argument."""
@@ -362,3 +360,43 @@ def test_results_folder_a_node_does_not_share_stops_the_sweep_before_any_trial(t
     assert "--results on a file system every node mounts" in errors[0]
     assert not (results / "unshared" / "trials.parquet").exists()
     assert not (results / "unshared" / "trials").exists(), "a trial ran"
+
+
+def test_preflight_waits_for_a_worker_that_joins_later_and_refuses_its_unshared_results(tmp_path):
+    """A cloud cluster as a sweep finds it: a head with 0 CPUs and no workers yet. The preflight must wait for
+    a node that can run a trial (not skip the check because one node is alive), check the storage from it
+    when it joins, and stop the sweep before any trial when that node does not share the results."""
+    if not can_make_private_mounts():
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root and must be able to give a test node its own mount namespace (unshare -m)")
+        pytest.skip("needs root (or CAP_SYS_ADMIN) for `unshare --mount`, to give one node a private folder")
+    results = tmp_path / "shared-results"
+    logs = tmp_path / "ray-logs"
+    logs.mkdir()
+    local = LocalCluster(logs)
+    try:
+        local.start(())  # the head alone: 0 CPUs, nothing can run a trial
+        sweep_file = write_sweep(tmp_path / "late.yaml", "late", seeds=[0], kimg=1, every_kimg=0.5)
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        proc, log = start_sweep(local, sweep_file, results, cwd)
+        try:
+            deadline = time.monotonic() + SWEEP_TIMEOUT_S
+            while "no node can run a trial (1 CPU) yet; waiting up to" not in log_tail(log):
+                assert proc.poll() is None, f"the sweep ended instead of waiting for a worker:\n{log_tail(log)}"
+                assert time.monotonic() < deadline, f"the preflight did not wait:\n{log_tail(log)}"
+                time.sleep(0.2)
+            local.add_worker("late_worker", private=results)  # joins without the shared results
+            late = local.node_id("late_worker")[:12]
+            proc.wait(timeout=SWEEP_TIMEOUT_S)
+        finally:
+            kill_tree(proc)
+    finally:
+        local.shutdown()
+    output = log_tail(log)
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2, output
+    assert len(errors) == 1 and "Traceback" not in output, output
+    assert errors[0].startswith(f"error: {results / 'late'}: not shared with node "), errors
+    assert f"({late})" in errors[0] and "--results on a file system every node mounts" in errors[0], errors
+    assert not (results / "late" / "trials").exists(), "a trial ran"

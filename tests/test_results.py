@@ -128,19 +128,19 @@ def test_parts_merge_into_levels_so_their_number_stays_small(tmp_path):
 def test_a_failing_write_is_kept_retried_and_reported_once(tmp_path, monkeypatch, capsys):
     writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
     writer.update_trial("t1", seed=0, status="running")
-    fsync = parts_module.os.fsync
+    replace = parts_module.os.replace
     failures = {"left": 2}
 
-    def disk_full(fd):
+    def disk_full(src, dst):
         if failures["left"]:
             failures["left"] -= 1
-            raise OSError(28, "No space left on device")  # the part was written, not made durable
-        fsync(fd)
+            raise OSError(28, "No space left on device")  # the part was written, never renamed into place
+        replace(src, dst)
 
-    monkeypatch.setattr(parts_module.os, "fsync", disk_full)
+    monkeypatch.setattr(parts_module.os, "replace", disk_full)
     writer.update_trial("t1", status="completed")  # fails: kept
     writer.add_evaluation(evaluation("t1", 1.0, 20.0))  # fails again: still one warning
-    assert read_rows(tmp_path, "trials")[0]["status"] == "running"  # the undurable part never appeared
+    assert read_rows(tmp_path, "trials")[0]["status"] == "running"  # the failed part never appeared
     writer.flush()  # the disk has room again
     assert read_rows(tmp_path, "trials")[0]["status"] == "completed"
     assert [r["fid"] for r in read_rows(tmp_path, "evaluations")] == [20.0]
@@ -221,3 +221,20 @@ def test_results_command_exports_a_running_sweeps_tables(tmp_path):
     assert part_files(sweep_dir, "evaluations")  # reading compacted nothing: the sweep's own files untouched
     bad = runner.invoke(app, ["results", "--results", str(tmp_path / "nope"), "--table", "trials", "--out", "x"])
     assert bad.exit_code == 2 and "no results directory" in bad.output
+
+
+def test_parts_are_fsynced_together_at_most_every_second(tmp_path, monkeypatch):
+    """Group commit: a part is renamed into place at once, and fsynced with the others at the next sync."""
+    now = {"t": 0.0}
+    health = parts_module.WriteHealth(clock=lambda: now["t"])
+    synced = []
+    monkeypatch.setattr(parts_module, "fsync_file", lambda path: synced.append(path.name))
+    log = parts_module.PartLog(tmp_path, "trials", lambda rows: pa.table({"trial_id": [r["trial_id"] for r in rows],
+                                                                          "_seq": [r["_seq"] for r in rows]}),
+                               0, flush_rows=1, health=health)
+    log.append({"trial_id": "a"})
+    log.append({"trial_id": "b"})
+    assert len(part_files(tmp_path, "trials")) == 2 and synced == []  # visible, not yet fsynced
+    now["t"] = parts_module.SYNC_EVERY_S
+    log.append({"trial_id": "c"})
+    assert sorted(synced) == sorted(p.name for p in part_files(tmp_path, "trials"))

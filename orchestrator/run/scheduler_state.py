@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+from orchestrator.store.parts import SYNC_EVERY_S
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -49,7 +52,12 @@ class SavedState:
             f.write(json.dumps(event) + "\n")
 
     def flush_state(self) -> None:
-        """Make the journal durable (Ray Tune's experiment checkpoints call this through the results callback)."""
+        """Make the journal durable, at most once a second (Ray Tune's experiment checkpoints call this through
+        the results callback; see orchestrator.store.parts.WriteHealth for why not on every call)."""
+        now = time.monotonic()
+        if now - getattr(self, "_last_sync", 0.0) < SYNC_EVERY_S:
+            return
+        self._last_sync = now
         try:
             with open(self.journal_file, "rb+") as f:
                 os.fsync(f.fileno())

@@ -311,6 +311,7 @@ class ResultsWriter:
 
     def close(self) -> None:
         self.flush()
+        next(iter(self._logs.values())).health.sync()
         compact(self.dir)
 
 
