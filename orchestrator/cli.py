@@ -87,6 +87,7 @@ def sweep(
     """Run a sweep on Ray Tune (local by default)."""
     from orchestrator.workflow.sweep import (  # Ray only once the sweep runs
         SweepErrors,
+        SweepHalted,
         SweepInterrupted,
         run_sweep,
     )
@@ -114,6 +115,9 @@ def sweep(
                     fail(str(exc))
             return
         run_sweep(spec, results, address=address, resume=resume, console=console, storage=storage)
+    except SweepHalted as halted:  # a trial's node could not use the storage: exit 2, resumable once fixed
+        again = rerun_command(file, data=data, results=results, address=address, storage=storage, resume=True)
+        fail(f"{halted}; fix that, then continue with: {again}")
     except user_errors() as exc:
         fail(str(exc))
     except SweepErrors:  # its closing lines named each errored trial: infrastructure failed, not a result

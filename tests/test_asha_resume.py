@@ -42,6 +42,23 @@ max_concurrent: 1
 """
 
 
+def saved_decisions(sweep_dir: Path) -> dict:
+    """The decisions the scheduler saved so far: its snapshot (scheduler.json, written when a sweep ends), then
+    its journal (scheduler.jsonl, a line per change while it runs)."""
+    snapshot = sweep_dir / "scheduler.json"
+    decided = json.loads(snapshot.read_text())["decided"] if snapshot.exists() else {}
+    journal = sweep_dir / "scheduler.jsonl"
+    for line in journal.read_text().splitlines() if journal.exists() else []:
+        try:
+            kind, *args = json.loads(line)
+        except ValueError:  # the line being written
+            continue
+        if kind == "decide":
+            config, rung, decision, _ = args
+            decided.setdefault(config, {})[rung] = decision
+    return decided
+
+
 def outcome(sweep_dir: Path) -> dict:
     trials = rows(sweep_dir / "trials.parquet")
     return {(t["lr_g"], t["seed"]): (t["status"], t["stopped_at_kimg"], t["stopped_metric"]) for t in trials}
@@ -67,17 +84,14 @@ def test_killed_driver_and_resume_cull_the_same_configurations(tmp_path, tmp_pat
     ray_of_first: dict[int, str] = {}
     try:
         def decided_and_unfinished():
-            state = killed_dir / "scheduler.json"
-            if not state.exists():
-                return False
-            decided = json.loads(state.read_text())["decided"]
+            decided = saved_decisions(killed_dir)
             return any(decided.values()) and len([t for t in rows(killed_dir / "trials.parquet")
                                                   if t["status"] in ("completed", "stopped_early")]) < 6
         wait_for(decided_and_unfinished, 600, "the killed sweep's first ASHA decision", first)
         ray_of_first = descendants(first.pid)
         first.send_signal(signal.SIGKILL)
         first.wait()
-        saved_before = json.loads((killed_dir / "scheduler.json").read_text())
+        saved_before = {"decided": saved_decisions(killed_dir)}  # what the journal held when the driver died
         core = [pid for pid, cmd in ray_of_first.items()
                 if "gcs_server" in cmd or "raylet" in cmd or cmd.startswith(("ray::ImplicitFunc", "ray::IDLE"))]
         deadline = time.monotonic() + 60

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from ray import tune
 
+from orchestrator.run import halt
+from orchestrator.run.restore import fall_back
+from orchestrator.run.storage import STORAGE_FAILED_KEY
 from orchestrator.run.tune_config import trial_params
 from orchestrator.store.failures import RETRY_KEY
 from orchestrator.store.provenance import record_node
@@ -48,6 +51,8 @@ class ResultsCallback(tune.Callback):
     def setup(self, **info):
         self.writer = ResultsWriter(Path(self.sweep_dir), self.sweep.name, parameter_columns(self.sweep))
         self.nodes_seen = set()
+        self.notes: dict[str, str] = {}  # trial -> how it was resumed (orchestrator.run.restore), once it ends
+        self.restored_checked = False
         if self.live is not None:
             self.live.start(self.writer)
 
@@ -62,6 +67,16 @@ class ResultsCallback(tune.Callback):
                 kimg_budget=float(self.sweep.train.kimg),
                 run_dir=str(Path(self.sweep_dir) / "trials" / trial.trial_id),
             )
+
+    def on_step_begin(self, iteration, trials, **info):
+        """Before Tune starts any trial of a resumed run: checkpoints its saved state names but that are gone."""
+        if self.restored_checked:
+            return
+        self.restored_checked = True
+        for fell in fall_back(trials):
+            self.notes[fell.trial_id] = fell.note()
+            if fell.trial_id in self.writer.trials:
+                self.writer.update_trial(fell.trial_id, reason=fell.note())
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._ensure(trial)
@@ -81,6 +96,10 @@ class ResultsCallback(tune.Callback):
             self.writer.update_trial(trial.trial_id, device_used=result["device_used"])
         if result.get("diverged"):
             self.flags[trial.trial_id] = ("diverged", result.get("reason", ""))
+            return
+        if result.get(STORAGE_FAILED_KEY):  # not the trial's fault: the sweep stops, resumable once fixed
+            self.writer.update_trial(trial.trial_id, reason=result[STORAGE_FAILED_KEY][:1000])
+            halt.request(result[STORAGE_FAILED_KEY])
             return
         if result.get(RETRY_KEY):  # not an evaluation: the trial restarts on a whole GPU (WholeGpuAfterOom)
             self.retried[trial.trial_id] = result[RETRY_KEY]
@@ -122,6 +141,7 @@ class ResultsCallback(tune.Callback):
             status = "completed" if reached >= self.sweep.train.kimg - 1e-9 else "stopped_early"
         if not reason and trial.trial_id in self.retried:  # shown, not hidden: it needed a GPU of its own
             reason = f"finished on a whole GPU after: {self.retried[trial.trial_id]}"[:1000]
+        reason = reason or self.notes.get(trial.trial_id, "")
         self._summarise(trial, status=status, reason=reason, ended=now(), **culled)
         self._reconcile()
         self._refresh(trial.trial_id)

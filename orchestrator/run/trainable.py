@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,12 @@ from gan.data import PreparedDataset
 from gan.metrics import WEIGHTS_ENV
 from gan.training import training_loop
 from orchestrator.run.devices import DeviceUnavailable, device_used, trial_device
-from orchestrator.run.storage import SharedCheck, StorageError, check_this_node
+from orchestrator.run.storage import STORAGE_FAILED_KEY, SharedCheck, StorageError, problem_here
 from orchestrator.run.tune_config import trial_params
+from orchestrator.run.watchdog import HangWatch, run_watched
 from orchestrator.store.failures import LAST_GOOD_PREFIX, RETRY_KEY, sentinel
 from orchestrator.store.provenance import environment
-from orchestrator.sweepfile.sections import Sweep
+from orchestrator.sweepfile.sections import DEFAULT_HANG_TIMEOUT_MIN, Sweep
 
 
 def train_trial(
@@ -40,8 +42,6 @@ def train_trial(
     inception_weights: ShippedFile | None = None,
 ) -> None:
     """The Tune trainable: one trial of the sweep, resumable from Tune's latest checkpoint."""
-    if shared is not None:  # e.g. a node the autoscaler added after the driver's preflight
-        check_this_node(shared, Path(sweep_dir))
     params = trial_params(config)
     context = tune.get_context()
     run_dir = Path(sweep_dir) / "trials" / context.get_trial_id()
@@ -56,6 +56,15 @@ def train_trial(
     }
     metric, worst = sweep.metric.name, sentinel(sweep.metric.mode)
 
+    problem = problem_here(shared, Path(sweep_dir)) if shared is not None else None
+    if problem:  # e.g. a node the autoscaler added after the driver's preflight, without the mount
+        # Not this trial's fault, and the same on every retry: the driver stops the whole sweep (resumable, this
+        # trial included) when it sees this result. Tune then ends this worker inside the second report (an
+        # exception here would be an unhandled error in the driver); it returns only if nothing stopped the sweep.
+        for _ in range(2):
+            tune.report({"kimg": 0.0, metric: worst, "error": problem, STORAGE_FAILED_KEY: problem, **node})
+        raise StorageError(problem)
+
     gpu_share = trial_gpu_share(context)
     try:  # a GPU share means CUDA; `gpu: 0` means the CPU, whatever GPUs the node has
         cfg.train.device = trial_device(cfg.train.device, gpu_share)
@@ -65,10 +74,19 @@ def train_trial(
     node["device_used"] = device_used(cfg.train.device)
     versions = environment()  # provenance: the callback records each node's versions once
     inject_oom = os.environ.get(INJECT_OOM_ENV) == "1" and 0 < gpu_share < 1
+    inject_hang = float(os.environ.get(INJECT_HANG_ENV) or 0)
 
     reported = []
+    watch = HangWatch(getattr(sweep, "hang_timeout_min", DEFAULT_HANG_TIMEOUT_MIN))
+
+    def send(result: dict[str, Any], checkpoint: tune.Checkpoint | None = None) -> None:
+        """tune.report from the training thread, under the hang watchdog."""
+        with watch.reporting():
+            tune.report(result, checkpoint=checkpoint)
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if inject_hang and not reported:  # tests: a trial stuck before its first report (a hard NFS mount, say)
+            time.sleep(inject_hang)
         if inject_oom and reported:  # tests: what a neighbour's memory does to a trial sharing its GPU
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory (injected by {INJECT_OOM_ENV} on a {gpu_share:g} GPU share)"
@@ -77,39 +95,44 @@ def train_trial(
         # Tune copies the checkpoint into its storage before report() returns; the node-local copy
         # is then replaced by the next evaluation's.
         first = {} if reported else {"node_versions": versions}
-        tune.report({**metrics, **node, **first}, checkpoint=checkpoint)
+        send({**metrics, **node, **first}, checkpoint=checkpoint)
         reported.append(metrics["kimg"])
 
     checkpoint = tune.get_checkpoint()
-    # Each checkpoint is written once, to node-local disk, and copied once, by Tune, to its storage
-    # (not written to the shared run directory and then copied again).
-    with tempfile.TemporaryDirectory(prefix="gan-sweeps-checkpoint-") as local:
-        local_checkpoint = Path(local) / "checkpoint"
-        try:
-            if checkpoint is not None:
-                with checkpoint.as_directory() as resume_dir:
-                    result = training_loop(
-                        cfg, run_dir, report, resume_from=resume_dir, dataset=dataset, checkpoint_dir=local_checkpoint
-                    )
-            else:
-                result = training_loop(cfg, run_dir, report, dataset=dataset, checkpoint_dir=local_checkpoint)
-        except RuntimeError as exc:  # torch.OutOfMemoryError is one
-            if not out_of_memory(exc):
-                raise
-            reason = f"out of memory: {exc}"[:500]
-            if 0 < gpu_share < 1:
-                # A neighbour on the same GPU may have taken the memory: ask the scheduler (WholeGpuAfterOom) to
-                # restart this trial once on a whole GPU. Tune pauses it inside this report and restarts it
-                # from the last checkpoint it persisted (this result carries none: it is not an evaluation).
-                tune.report({"kimg": 0.0, metric: worst, RETRY_KEY: reason, **node})
-                reason = f"{reason} (and no scheduler moved the trial to a whole GPU)"
-            # On a whole GPU (or none) the same config would run out again: end the trial as 'error' now.
-            tune.report({"kimg": 0.0, metric: worst, "error": reason, **node})
-            return
-    if result.status == "diverged":
-        # The worst value for ASHA and Optuna; the last good one is kept apart, never credited as the metric.
-        last = {f"{LAST_GOOD_PREFIX}{metric}": result.metrics[metric]} if metric in result.metrics else {}
-        tune.report({"kimg": result.kimg, metric: worst, **last, "diverged": True, "reason": result.reason, **node})
+
+    def train() -> None:
+        # Each checkpoint is written once, to node-local disk, and copied once, by Tune, to its storage
+        # (not written to the shared run directory and then copied again).
+        with tempfile.TemporaryDirectory(prefix="gan-sweeps-checkpoint-") as local:
+            local_checkpoint = Path(local) / "checkpoint"
+            try:
+                if checkpoint is not None:
+                    with checkpoint.as_directory() as resume_dir:
+                        result = training_loop(cfg, run_dir, report, resume_from=resume_dir, dataset=dataset,
+                                               checkpoint_dir=local_checkpoint)
+                else:
+                    result = training_loop(cfg, run_dir, report, dataset=dataset, checkpoint_dir=local_checkpoint)
+            except RuntimeError as exc:  # torch.OutOfMemoryError is one
+                if not out_of_memory(exc):
+                    raise
+                reason = f"out of memory: {exc}"[:500]
+                if 0 < gpu_share < 1:
+                    # A neighbour on the same GPU may have taken the memory: ask the scheduler (WholeGpuAfterOom)
+                    # to restart this trial once on a whole GPU. Tune pauses it inside this report and restarts it
+                    # from the last checkpoint it persisted (this result carries none: it is not an evaluation).
+                    send({"kimg": 0.0, metric: worst, RETRY_KEY: reason, **node})
+                    reason = f"{reason} (and no scheduler moved the trial to a whole GPU)"
+                # On a whole GPU (or none) the same config would run out again: end the trial as 'error' now.
+                send({"kimg": 0.0, metric: worst, "error": reason, **node})
+                return
+        if result.status == "diverged":
+            # The worst value for ASHA and Optuna; the last good one is kept apart, never credited as the metric.
+            last = {f"{LAST_GOOD_PREFIX}{metric}": result.metrics[metric]} if metric in result.metrics else {}
+            send({"kimg": result.kimg, metric: worst, **last, "diverged": True, "reason": result.reason, **node})
+
+    hung = run_watched(train, watch)  # the training thread's exception is raised here, for Tune
+    if hung:  # `error`, never retried; the stuck thread is left behind and can report nothing more
+        tune.report({"kimg": reported[-1] if reported else 0.0, metric: worst, "error": hung, **node})
 
 
 @dataclass(frozen=True)
@@ -155,6 +178,9 @@ def shipped_inception_weights(sweep: Sweep) -> ShippedFile | None:
 # Tests set this to "1" (in the Ray workers' environment) to make every trial on a GPU share run out of memory
 # at its second evaluation: the out-of-memory retry is tested on machines without a GPU.
 INJECT_OOM_ENV = "GAN_SWEEPS_INJECT_SHARED_GPU_OOM"
+# Tests set this to a number of seconds (in the Ray workers' environment): every trial sleeps that long before its
+# first report, as if stuck; the hang watchdog is tested without a stuck file system.
+INJECT_HANG_ENV = "GAN_SWEEPS_INJECT_HANG_S"
 
 
 def trial_gpu_share(context) -> float:

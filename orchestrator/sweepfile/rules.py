@@ -404,6 +404,9 @@ def check_run_settings(ctx: RuleContext) -> None:
     if not (finite(gpu) and 0 <= gpu <= 1):
         ctx.fail("resources.gpu", f"must be in [0, 1] (a trial trains on one GPU; 0.5 packs two trials "
                                    f"per GPU), got {show(gpu)}")
+    hang = sweep.hang_timeout_min
+    if not (finite(hang) and hang > 0):
+        ctx.fail("hang_timeout_min", f"must be a number of minutes > 0, got {show(hang)}")
 
 
 def check_model_section(ctx: RuleContext) -> None:

@@ -100,7 +100,10 @@ class Resources(BaseModel):
 
 
 # Not part of fingerprint(): they change how trials are scheduled, not what they compute.
-_NOT_FINGERPRINTED = {"description", "resources", "max_concurrent", "max_failures", "keep_checkpoints"}
+_NOT_FINGERPRINTED = {"description", "resources", "max_concurrent", "max_failures", "keep_checkpoints",
+                      "hang_timeout_min"}
+# A trial that reports nothing for this long ends as `error` (its first report may take twice as long).
+DEFAULT_HANG_TIMEOUT_MIN = 60.0
 
 
 class Sweep(BaseModel):
@@ -125,6 +128,8 @@ class Sweep(BaseModel):
     # Which trials' checkpoints stay when the sweep ends: all, completed ones only (stopped, diverged and errored
     # trials' are deleted), or none.
     keep_checkpoints: Literal["all", "completed", "none"] = "completed"
+    # Minutes without a report before a trial is stopped as `error` (orchestrator.run.watchdog).
+    hang_timeout_min: float = Field(DEFAULT_HANG_TIMEOUT_MIN, strict=True)
     tracking: Tracking | None = None  # W&B / MLflow loggers (orchestrator.sweepfile.tracking)
 
     _source_path: str = PrivateAttr("")

@@ -14,10 +14,11 @@ from pathlib import Path
 from rich.console import Console
 
 from gan.data import prepare_dataset
+from orchestrator.run import halt
 from orchestrator.run.live import LiveView
 from orchestrator.run.signals import StopSignals
+from orchestrator.run.storage import StorageError, check_results, preflight
 from orchestrator.run.storage import normalise as storage_uri
-from orchestrator.run.storage import preflight
 from orchestrator.run.storage import record as record_storage
 from orchestrator.run.storage import resolve as storage_for_run
 from orchestrator.run.tracking import check_trackers
@@ -43,6 +44,14 @@ class SweepErrors(Exception):
         self.errored, self.total = errored, total
 
 
+class SweepHalted(StorageError):
+    """A trial's node could not use the sweep's storage: the sweep stopped, resumable once that is fixed."""
+
+    def __init__(self, reason: str, unfinished: int, total: int):
+        super().__init__(f"{reason} (the sweep stopped: {unfinished} of {total} trials unfinished)")
+        self.unfinished, self.total = unfinished, total
+
+
 class SweepInterrupted(Exception):
     """The sweep ended before all of its trials did."""
 
@@ -57,7 +66,9 @@ def total_trials(sweep: Sweep) -> int:
 
 def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool, console: Console,
               storage: str | None = None) -> Path:
-    """Run the sweep to its end and print `done:`; raise SweepInterrupted if any trial is unfinished."""
+    """Run the sweep to its end and print `done:`; raise SweepInterrupted if any trial is unfinished, and
+    StorageError if a node could not use the storage (before any trial; SweepHalted in a trial: resumable)."""
+    check_results(results, address)  # a --results that vanishes with the driver's node: refused before anything
     storage = storage_uri(storage) if storage is not None else None  # a bad --storage creates nothing
     with StopSignals() as stop:
         try:
@@ -117,12 +128,15 @@ def _run(
     else:
         console.print(f"data: {dataset.source}: {summary}")
     live = None
+    halt.reset()
     try:
         dashboard = start_ray(address)
         stop.install()  # ray.init replaced our SIGTERM handler with its own (sys.exit)
         console.print(f"Ray dashboard: {dashboard}" if dashboard else "Ray dashboard: not available")
         console.print(f"results: {sweep_dir.path}")
-        shared = preflight(sweep_dir.path, storage, sweep.name)  # every node sees the storage, before any trial
+        # Every node that can run a trial can use the storage, before any trial (waiting for one if none can yet).
+        shared = preflight(sweep_dir.path, storage, sweep.name, cpu=sweep.resources.cpu, gpu=sweep.resources.gpu,
+                           joined=address is not None, note=lambda line: console.print(line, highlight=False))
         if storage is not None and not resume:
             record_storage(storage, sweep_dir.tune_path)
         if resume:
@@ -147,6 +161,8 @@ def _run(
         for trial_id in delete_checkpoints(list(writer.trials.values()), sweep.keep_checkpoints):
             writer.update_trial(trial_id, checkpoint_path=None)
     writer.close()
+    if halt.reason() and resumable:  # a node could not use the storage: stopped, never retried as a crash
+        raise SweepHalted(halt.reason(), unfinished, total)
     if unfinished:
         raise SweepInterrupted(stop.signum, unfinished, total, resumable)
     rows = list(writer.trials.values())
@@ -172,6 +188,7 @@ def _run(
             f"  {row['trial_id']} {params}: {reason[-1] if reason else 'no reason recorded'} ({error_file})",
             markup=False,
             highlight=False,
+            soft_wrap=True,  # one line per trial, however long its reason
         )
     raise SweepErrors(len(errored), total)
 
