@@ -218,13 +218,13 @@ def start_sweep(
     return proc, log
 
 
-def finish(proc: subprocess.Popen, log: Path) -> None:
+def finish(proc: subprocess.Popen, log: Path, returncode: int = 0) -> None:
     try:
         proc.wait(timeout=SWEEP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         kill_tree(proc)
         raise AssertionError(f"sweep did not finish in {SWEEP_TIMEOUT_S} s:\n{log_tail(log)}") from None
-    assert proc.returncode == 0, log_tail(log)
+    assert proc.returncode == returncode, log_tail(log)
 
 
 def evaluation_rows(path: Path) -> list[dict]:

@@ -1,7 +1,8 @@
 """Out of memory on a shared GPU (`resources.gpu` < 1): retried once on a whole GPU, from the last checkpoint.
 
-A real Ray cluster on this machine whose worker declares one GPU to Ray (torch finds no CUDA device, so
-trials train on the CPU). Two trials share that GPU at 0.5 each:
+A real Ray cluster on this machine whose worker declares one GPU to Ray (torch finds no CUDA device, so the
+sweep says `train.device: cpu`: with `auto`, a GPU share means CUDA, and a trial without it would end in
+error). Two trials share that GPU at 0.5 each:
 - `lucky` runs out of memory at its second evaluation only while it shares the GPU (GAN_SWEEPS_INJECT_SHARED_GPU_OOM,
   as a neighbour's memory would make it), is moved to the whole GPU and finishes there, from its checkpoint;
 - `huge` has a generator too large to allocate anywhere (a real allocation failure): retried once on the whole
@@ -29,7 +30,7 @@ method: grid
 metric: {name: fid, goal: minimize}
 data: {path: null, image_size: 64, synthetic_count: 200}
 model: {d_widths: [8, 16, 32, 32], heads: 2}
-train: {kimg: 1, batch_size: 32}
+train: {kimg: 1, batch_size: 32, device: cpu}
 eval: {every_kimg: 0.5, fid_samples: 64, final_fid_samples: 64, extractor: tiny-conv, grid_size: 2}
 parameters:
   g_widths: {values: [[32, 16, 8, 8], [268435456, 8, 8, 8]]}
@@ -51,7 +52,7 @@ def test_out_of_memory_on_a_gpu_share_is_retried_once_on_a_whole_gpu(tmp_path):
         cwd = tmp_path / "cwd"
         cwd.mkdir()
         proc, log = start_sweep(cluster, sweep_file, tmp_path / "results", cwd)
-        finish(proc, log)
+        finish(proc, log, returncode=1)  # `huge` ends in error: the sweep says so and exits 1
     finally:
         cluster.shutdown()
     sweep_dir = tmp_path / "results" / "oom"
@@ -73,3 +74,4 @@ def test_out_of_memory_on_a_gpu_share_is_retried_once_on_a_whole_gpu(tmp_path):
     assert huge["status"] == "error"
     assert huge["reason"].startswith("out of memory: ") and "on a whole GPU, after: out of memory: " in huge["reason"]
     assert huge["evaluations"] == 0
+    assert "done with errors: 1 of 2 trials ended in error" in log.read_text()

@@ -48,7 +48,9 @@ class StopSignals(logging.Filter):
 
     def __exit__(self, *exc_info) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            # Stopped by a signal: the sweep is over and the process only says so and exits; a late second
+            # signal must not print a traceback from Ray's shutdown at exit.
+            signal.signal(s, signal.SIG_IGN if self.signum is not None else handler)
         if self._env is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:

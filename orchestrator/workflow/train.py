@@ -118,6 +118,8 @@ def train_one(
     if device is not None:
         cfg.train.device = device
     check_device(cfg.train.device, "--device" if device is not None else "train.device")
+    if cfg.train.device == "auto":  # recorded as it resolved (a sweep's trial records its device the same way)
+        cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     run_dir = Path(out) if out is not None else Path("runs") / sweep.name / f"trial-{trial}"
     checkpoint = run_dir / "checkpoint"
