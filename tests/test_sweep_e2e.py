@@ -14,9 +14,16 @@ CLI = [sys.executable, "-m", "orchestrator.cli"]
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
+    """The README's main job, sweeps/smoke.yaml, with one change: `max_concurrent: 1`, so Tune creates each seed
+    only when the one before has ended, the hardest case for per-configuration ASHA. One run serves every test
+    here; tests/test_interrupt.py runs the shipped file as it is (interrupted, then resumed to `done:`)."""
+    folder = tmp_path_factory.mktemp("smoke")
+    text = (REPO / "sweeps" / "smoke.yaml").read_text()
+    assert "max_concurrent: null" in text
+    (folder / "smoke.yaml").write_text(text.replace("max_concurrent: null", "max_concurrent: 1"))
+    results = folder / "results"
     proc = subprocess.run(
-        [*CLI, "sweep", "sweeps/smoke.yaml", "--results", str(results)],
+        [*CLI, "sweep", str(folder / "smoke.yaml"), "--results", str(results)],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,24 +95,11 @@ def test_config_asha_stops_every_seed_of_a_configuration_at_one_rung_on_their_me
     assert any(seeds[0]["status"] == "completed" for seeds in by_variant.values())
 
 
-@pytest.fixture(scope="module")
-def smoke_one_at_a_time(tmp_path_factory):
-    """The smoke sweep with `max_concurrent: 1`: Tune creates each seed only when the one before has ended."""
-    folder = tmp_path_factory.mktemp("smoke-serial")
-    text = (REPO / "sweeps" / "smoke.yaml").read_text()
-    assert "max_concurrent: null" in text
-    (folder / "smoke.yaml").write_text(text.replace("max_concurrent: null", "max_concurrent: 1"))
-    proc = subprocess.run([*CLI, "sweep", str(folder / "smoke.yaml"), "--results", str(folder / "r")],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return folder / "r" / "smoke"
-
-
 @pytest.mark.slow
-def test_config_asha_with_max_concurrent_1_decides_on_every_seed(smoke_one_at_a_time):
+def test_config_asha_with_max_concurrent_1_decides_on_every_seed(smoke):
     """Every decision waits for both seeds of a variant, though the second is created only after the first
     ended: each cut's stopped_metric is the mean over all of the variant's seeds at the rung."""
-    sweep_dir = smoke_one_at_a_time
+    sweep_dir = smoke[0] / "smoke"
     evals = pq.read_table(sweep_dir / "evaluations.parquet").to_pylist()
     trials = pq.read_table(sweep_dir / "trials.parquet").to_pylist()
     assert len(trials) == 6 and {t["status"] for t in trials} <= {"completed", "stopped_early"}
