@@ -39,7 +39,8 @@ def user_errors():
     from orchestrator.run.storage import StorageError
     from orchestrator.store.sweep_dir import SweepDirError
 
-    errors = (SweepError, SweepDirError, DataError, ResultsError, StorageError)  # ResultsError: leaderboard's too
+    # ResultsError: leaderboard's and confirm's too
+    errors = (SweepError, SweepDirError, DataError, ResultsError, StorageError)
     # Importing gan.metrics costs seconds (torchvision, torch-fidelity); it can only have raised if imported.
     metrics = sys.modules.get("gan.metrics")
     return errors + (metrics.ExtractorUnavailable,) if metrics is not None else errors
@@ -85,12 +86,14 @@ def sweep(
     )),
 ) -> None:
     """Run a sweep on Ray Tune (local by default)."""
+    from orchestrator.workflow.confirm import run_stages
     from orchestrator.workflow.sweep import (  # Ray only once the sweep runs
         SweepErrors,
         SweepHalted,
         SweepInterrupted,
         run_sweep,
     )
+    from orchestrator.workflow.trials_table import print_trials
 
     if estimate and not dry_run:  # explicit: `--estimate` alone must never be mistaken for a run
         fail(
@@ -102,7 +105,7 @@ def sweep(
         for note in spec.warnings():
             typer.echo(f"warning: {note}", err=True)
         if dry_run:
-            print_trials(spec)
+            print_trials(spec, console)
             if estimate:
                 from orchestrator.workflow.estimate import (
                     EstimateError,  # torch: only when estimating
@@ -114,7 +117,8 @@ def sweep(
                 except EstimateError as exc:
                     fail(str(exc))
             return
-        run_sweep(spec, results, address=address, resume=resume, console=console, storage=storage)
+        run = run_stages if spec.confirm is not None else run_sweep  # explore, then confirm on fresh seeds
+        run(spec, results, address=address, resume=resume, console=console, storage=storage)
     except SweepHalted as halted:  # a trial's node could not use the storage: exit 2, resumable once fixed
         again = rerun_command(file, data=data, results=results, address=address, storage=storage, resume=True)
         fail(f"{halted}; fix that, then continue with: {again}")
@@ -165,41 +169,6 @@ def rerun_command(
         if value is not None:
             words += [flag, str(value)]
     return shlex.join(words)
-
-
-def print_trials(spec) -> None:
-    console.print(scheduler_line(spec))
-    if spec.method == "optuna":
-        console.print(f"{spec.name}: method optuna proposes {spec.num_samples} trials at run time from:")
-        for name, param in spec.parameters.items():
-            console.print(f"  {name}: {param.model_dump(exclude_none=True)}")
-        return
-    trials = spec.trials()
-    names = [n for n in sorted({k for t in trials for k in t}) if n != "seed"]
-    table = Table(title=f"{spec.name}: {len(trials)} trials ({spec.method})", title_justify="left")
-    table.add_column("#", justify="right")
-    for name in names:
-        table.add_column(name)
-    table.add_column("seed (effective)")
-    for i, t in enumerate(trials):
-        seed = spec.trial_config(t).train.seed
-        table.add_row(str(i), *[("-" if name not in t else str(t[name])) for name in names], str(seed))
-    console.print(table)
-
-
-def scheduler_line(spec) -> str:
-    s = spec.scheduler
-    if s.type == "fifo":
-        return "scheduler: fifo (every trial runs its whole budget)"
-    what = (
-        "configurations, judged on the mean over their seeds (seeds stop together)"
-        if s.unit == "config"
-        else "single trials"
-    )
-    return (
-        f"scheduler: asha, unit {s.unit}: culls {what}; rungs from {s.grace_period:g} kimg, "
-        f"keep 1/{s.reduction_factor:g}, max_t {s.max_t:g}"
-    )
 
 
 @app.command()
@@ -326,6 +295,7 @@ def leaderboard(
 
     try:
         sweep_dir = find_sweep(results, sweep_name)
+        say_stage(results, sweep_name, sweep_dir)
         by = split_columns(group_by)
         board = build_board(
             sweep_dir, group_by=by, top=top, at_kimg=at_kimg, baseline=baseline, failures=failures.value,
@@ -401,8 +371,10 @@ def report(
     )
 
     try:
+        sweep_dir = find_sweep(results, sweep_name)
+        say_stage(results, sweep_name, sweep_dir)
         path = write_report(
-            find_sweep(results, sweep_name),
+            sweep_dir,
             out,
             group_by=split_columns(group_by),
             top=top,
@@ -416,6 +388,74 @@ def report(
         fail(str(exc))
     console.print(f"report: {path}")
 
+
+
+def say_stage(results: Path, sweep_name: str | None, sweep_dir: Path) -> None:
+    """Without --sweep, a root of a sweep and its confirm stage shows the confirm stage: say so (stderr)."""
+    from orchestrator.store.reader import stage_note
+
+    note = stage_note(results, sweep_dir) if sweep_name is None else None
+    if note:
+        typer.echo(note, err=True)
+
+
+@app.command()
+def confirm(
+    results: Path = typer.Option(DEFAULT_RESULTS, "--results", help="Results root."),
+    sweep_name: str | None = typer.Option(None, "--sweep", help="The finished sweep to confirm (needed when the "
+                                                                 "root holds several)."),
+    top: int | None = typer.Option(None, "--top", help="Confirm the best K configurations (default: the sweep's "
+                                                         "confirm.top, else 1)."),
+    include: list[str] | None = typer.Option(None, "--include", help=(
+        "KEY=VALUE[,KEY=VALUE]: also confirm every configuration matching it (a baseline), repeatable."
+    )),
+    seeds: str | None = typer.Option(None, "--seeds", help=(
+        "N fresh seeds after the largest one used, or a comma-separated list of unused seeds (default: the "
+        "sweep's confirm.seeds, else 5)."
+    )),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=(
+        "Confirm an unfinished sweep from what it measured (recorded in selection.json)."
+    )),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the selection and the confirm trials; run nothing."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted confirm stage."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster to join (default: a local Ray)."),
+) -> None:
+    """Run a finished sweep's best configurations (and baselines) again on fresh seeds, as <sweep>-confirm."""
+    from orchestrator.workflow.confirm import parse_include, parse_seeds, plan_confirm, print_selection
+
+    try:
+        if sweep_name is None:  # the one sweep of the root; of a sweep and its confirm stage, the first
+            from orchestrator.store.stages import first_stage_of
+
+            found = find_sweep(results, None)
+            sweep_name = (first_stage_of(found) or found).name
+        name = sweep_name
+        plan = plan_confirm(results, name, top=top, include=parse_include(include), seeds=parse_seeds(seeds),
+                            allow_partial=allow_partial)
+        print_selection(plan, console)
+        if dry_run:
+            from orchestrator.workflow.trials_table import print_trials
+
+            print_trials(plan.sweep, console)
+            console.print("dry run: nothing written")
+            return
+        from orchestrator.workflow.confirm import print_leaderboards, run_confirm
+        from orchestrator.workflow.sweep import SweepErrors, SweepInterrupted
+
+        try:
+            run_confirm(plan, results, address=address, resume=resume, console=console)
+        except SweepErrors:
+            print_leaderboards(plan, results, console)
+            raise
+        print_leaderboards(plan, results, console)
+    except user_errors() as exc:
+        fail(str(exc))
+    except SweepErrors:
+        raise typer.Exit(1) from None
+    except SweepInterrupted as stop:
+        typer.echo(f"interrupted: {stop.unfinished} of {stop.total} trials unfinished; continue with: orchestrator "
+                   f"confirm --results {results} --sweep {name} --resume", err=True)
+        raise typer.Exit(128 + stop.signum if stop.signum else 1) from None
 
 
 class TableName(str, Enum):

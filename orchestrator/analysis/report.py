@@ -29,6 +29,7 @@ from orchestrator.analysis.formats import Section, fmt, sections
 from orchestrator.analysis.groups import REPLICATES
 from orchestrator.analysis.leaderboard import Board, LeaderboardError, build_board, ranking_title
 from orchestrator.analysis.plan import samples_label
+from orchestrator.analysis.stages import stage_html
 from orchestrator.store.reader import load_evaluations, load_trials, parameter_names
 
 REPORT_FILE = "report.html"
@@ -118,6 +119,7 @@ def write_report(sweep_dir: Path, out: Path | None = None, *, group_by: list[str
 
     body = [
         header(name, sweep_dir, all_trials, sweep_text),
+        stage_html(sweep_dir),  # explore, then confirm: the other stage and the selection ("" for neither)
         leaderboard_section(groups, trials_board, by, parameter_names(all_trials)),
         curves_section(
             evaluations,

@@ -61,6 +61,9 @@ def start_ray(address: str | None, dashboard_host: str = "127.0.0.1"):
 
     Without an address Ray is always started afresh, whatever RAY_ADDRESS says (ray.init only reads it
     for no address or 'auto') and whatever a former `ray start` left in Ray's temp dir."""
+    global _dashboard
+    if ray.is_initialized():  # the second stage of a two-stage sweep runs on the Ray the first one started
+        return _dashboard
     if address is not None:
         check_ray_address(address)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -76,4 +79,8 @@ def start_ray(address: str | None, dashboard_host: str = "127.0.0.1"):
     # in Ray's temp dir (which ray.init() with no address would join).
     context = ray.init(address=address if address is not None else "local", **kwargs)
     url = context.dashboard_url
-    return f"http://{url}" if url and not url.startswith("http") else url
+    _dashboard = f"http://{url}" if url and not url.startswith("http") else url
+    return _dashboard
+
+
+_dashboard: str | None = None

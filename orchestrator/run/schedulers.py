@@ -138,8 +138,12 @@ class ConfigASHA(SavedState, FIFOScheduler):
     configuration with an open decision are started first.
     """
 
+    # A class default, so that a scheduler pickled before this setting existed unpickles (--resume).
+    default_seeds: int | None = None
+
     def __init__(self, state_file: str, *, time_attr: str, max_t: float, grace_period: float,
-                 reduction_factor: float, trial_params, expected_seeds: dict[str, int] | None = None):
+                 reduction_factor: float, trial_params, expected_seeds: dict[str, int] | None = None,
+                 default_seeds: int | None = None):
         super().__init__()
         self.state_file = state_file
         self.time_attr = time_attr
@@ -148,8 +152,10 @@ class ConfigASHA(SavedState, FIFOScheduler):
         self.milestones = rung_milestones(grace_period, max_t, reduction_factor)
         self.trial_params = trial_params  # Tune trial config -> the sweep's parameters
         # config key -> how many seeds the sweep's expansion gives it (None: Optuna, whose configurations
-        # are proposed one trial at a time; then the seeds created so far are all there is to wait for).
+        # are proposed at run time). default_seeds: the count for a configuration not in that map (Optuna with
+        # swept seeds runs every proposal on each of them); None: the seeds created so far are all there is.
         self.expected_seeds = dict(expected_seeds) if expected_seeds is not None else None
+        self.default_seeds = default_seeds
         self._metric: str | None = None
         self.sign = 1.0  # metric * sign: larger is better
         self._trials: dict[str, Trial] = {}
@@ -313,9 +319,8 @@ class ConfigASHA(SavedState, FIFOScheduler):
 
     def _all_seeds_exist(self, config: str) -> bool:
         """Every seed the sweep expands this configuration into has been created by Tune."""
-        if self.expected_seeds is None or config not in self.expected_seeds:
-            return True
-        return len(self._siblings(config)) >= self.expected_seeds[config]
+        expected = (self.expected_seeds or {}).get(config, self.default_seeds)
+        return expected is None or len(self._siblings(config)) >= expected
 
     def _highest_recorded(self, tid: str) -> float:
         config = self.config_of[tid]

@@ -60,10 +60,14 @@ def build_scheduler(sweep: Sweep, sweep_dir: SweepDir):
         return FIFOScheduler()
     state_file = str(sweep_dir.path / STATE_FILE)
     if s.unit == "config":
-        # A decision waits for every seed the expansion gives a configuration, created by Tune or not yet.
-        expected = expected_seeds(sweep.trials()) if sweep.method != "optuna" else None
+        # A decision waits for every seed the expansion gives a configuration, created by Tune or not yet;
+        # Optuna's configurations are proposed at run time, each on every swept seed (run.seed_search).
+        optuna = sweep.method == "optuna"
+        expected = expected_seeds(sweep.trials()) if not optuna else None
+        seeds = sweep.seed_values() if optuna else None
         return ConfigASHA(state_file, time_attr="kimg", max_t=s.max_t, grace_period=s.grace_period,
-                          reduction_factor=s.reduction_factor, trial_params=trial_params, expected_seeds=expected)
+                          reduction_factor=s.reduction_factor, trial_params=trial_params, expected_seeds=expected,
+                          default_seeds=len(seeds) if seeds else None)
     return TrialASHA(state_file, time_attr="kimg", max_t=s.max_t, grace_period=s.grace_period,
                      reduction_factor=s.reduction_factor)
 
@@ -110,11 +114,17 @@ def build_tuner(
         from orchestrator.run.search import PolicyOptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live table shows the trials
-        search_alg = PolicyOptunaSearch(
-            space=sweep.optuna_space, metric=metric, mode=mode, sampler=TPESampler(seed=sweep.search_seed)
-        )
+        seeds = sweep.seed_values()
+        if seeds is None:
+            search_alg = PolicyOptunaSearch(
+                space=sweep.optuna_space, metric=metric, mode=mode, sampler=TPESampler(seed=sweep.search_seed)
+            )
+        else:  # Optuna searches configurations; each runs on every seed and is told the seed mean
+            from orchestrator.run.seed_search import optuna_with_seeds
+
+            search_alg = optuna_with_seeds(sweep)
         param_space: dict[str, Any] = {}
-        num_samples = sweep.num_samples
+        num_samples = sweep.trial_count()  # num_samples configurations x the swept seeds
     else:
         param_space = {"params": tune.grid_search(sweep.trials())}
         num_samples = 1

@@ -94,11 +94,20 @@ def append(sweep_dir: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, default=str, sort_keys=True) + "\n")
 
 
+def effective_config(sweep) -> dict[str, Any]:
+    """The validated sweep as JSON, readable back as a sweep: each parameter keeps only the keys it was given
+    (value, values or distribution), never the others as nulls."""
+    config = sweep.model_dump(mode="json")
+    config["parameters"] = {name: spec.model_dump(mode="json", exclude_unset=True)
+                            for name, spec in sweep.parameters.items()}
+    return config
+
+
 def record_provenance(sweep, sweep_dir: Path, dataset, *, resume: bool) -> list[str]:
     """Append this run's record; on --resume, return one line per thing that changed since the last run."""
     record = {"event": "run", "resume": resume, "time": datetime.now(timezone.utc).isoformat(),
               "project": project(), "environment": environment(),
-              "config": sweep.model_dump(mode="json"), "data": {"source": dataset.source, "fingerprint": dataset.key}}
+              "config": effective_config(sweep), "data": {"source": dataset.source, "fingerprint": dataset.key}}
     previous = [r for r in read_provenance(sweep_dir) if r.get("event") == "run"]
     append(sweep_dir, record)
     if not resume or not previous:

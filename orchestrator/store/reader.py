@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from orchestrator.store.stages import confirm_pair, first_stage_name, read_selection
 from orchestrator.store.tables import TRIAL_COLUMNS, ResultsFormatError, read_table
 
 DEFAULT_EVERY_KIMG = 20.0  # gan.config.EvalConfig.every_kimg, for a sweep.yaml that leaves it out
@@ -28,12 +29,34 @@ def find_sweep(results: Path, sweep: str | None) -> Path:
             names = sorted(p.name for p in results.iterdir() if p.is_dir())
             raise ResultsError(f"{results}: no sweep named '{sweep}' (found: {', '.join(names) or 'none'})")
         return path
-    sweeps = sorted(p for p in results.iterdir() if (p / "fingerprint").exists())
+    sweeps = _sweeps(results)
     if not sweeps:
         raise ResultsError(f"{results}: no sweeps here yet")
+    # A first stage and its confirm stage: the confirm stage holds the numbers to report (fresh seeds, full
+    # budget); stage_note says so and how to get the exploration.
+    confirm = confirm_pair(sweeps)
+    if confirm is not None:
+        return confirm
     if len(sweeps) > 1:
         raise ResultsError(f"{results}: several sweeps, pick one with --sweep: {', '.join(p.name for p in sweeps)}")
     return sweeps[0]
+
+
+def _sweeps(results: Path) -> list[Path]:
+    return sorted(p for p in results.iterdir() if (p / "fingerprint").exists())
+
+
+def stage_note(results: Path, sweep_dir: Path) -> str | None:
+    """The line to print (to stderr) when `find_sweep(results, None)` chose the confirm stage over its first
+    stage; None otherwise. Call it only when no --sweep was given."""
+    if not results.is_dir():
+        return None
+    confirm = confirm_pair(_sweeps(results))
+    if confirm is None or confirm.resolve() != Path(sweep_dir).resolve():
+        return None
+    first = first_stage_name(read_selection(confirm))
+    return (f"showing the confirm stage {confirm.name} (configurations selected on sweep {first}, fresh seeds); "
+            f"the exploration: --sweep {first}")
 
 
 def _read(sweep_dir: Path, name: str) -> pd.DataFrame | None:

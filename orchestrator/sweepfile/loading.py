@@ -17,6 +17,7 @@ from orchestrator.sweepfile.messages import from_validation_error
 from orchestrator.sweepfile.overrides import apply_overrides
 from orchestrator.sweepfile.rules import check_sweep
 from orchestrator.sweepfile.sections import Sweep
+from orchestrator.sweepfile.stages import check_stages
 from orchestrator.sweepfile.tracking import tracking_problem
 
 
@@ -55,6 +56,7 @@ def load_sweep(path: str | Path, *, data_override: str | None = None,
     if data_override is not None:
         sweep.data.path = data_override
     check_sweep(file, sweep, overridden=data_override is not None)
+    check_stages(file, sweep)
     if sweep.tracking is not None and (problem := tracking_problem(sweep.tracking)):
         raise SweepError(file, *problem)
     sweep._source_path = file

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ValidationError
 
 from orchestrator.sweepfile.errors import SweepError, show
 from orchestrator.sweepfile.sections import (
+    Confirm,
     DataSection,
     EvalSection,
     Metric,
@@ -21,7 +22,8 @@ from orchestrator.sweepfile.tracking import SECTIONS as TRACKING_SECTIONS
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "data": DataSection, "model": ModelSection, "train": TrainSection, "eval": EvalSection,
-    "metric": Metric, "scheduler": Scheduler, "resources": Resources, **TRACKING_SECTIONS,
+    "metric": Metric, "scheduler": Scheduler, "resources": Resources, "confirm": Confirm,
+    **TRACKING_SECTIONS,
 }
 EXPECTED = {
     "float": "a number", "int": "an integer", "bool": "true or false", "string": "a string",

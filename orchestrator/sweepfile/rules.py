@@ -266,6 +266,25 @@ def check_when(ctx: RuleContext, key: str, name: str, spec: Parameter) -> None:
         spec.when[ref] = coerced
 
 
+def check_optuna_seed(ctx: RuleContext) -> None:
+    """Optuna runs every configuration it proposes on each listed seed (orchestrator.run.seed_search), so seeds
+    are a list, never sampled, conditional, or a condition of another parameter."""
+    params = ctx.sweep.parameters
+    seed = params.get("seed")
+    if ctx.sweep.method != "optuna" or seed is None:
+        return
+    if not seed.categorical:
+        ctx.fail("parameters.seed.distribution", "method optuna runs every configuration on each listed seed: "
+                                                  "list the seeds with values (e.g. values: [0, 1, 2])")
+    if seed.when:
+        ctx.fail("parameters.seed.when", "method optuna runs every configuration on each listed seed, so seeds "
+                                          "can't be conditional")
+    for name, spec in params.items():
+        if "seed" in (spec.when or {}):
+            ctx.fail(f"parameters.{name}.when.seed", "method optuna runs every configuration on each listed "
+                                                     "seed, so no parameter can depend on the seed")
+
+
 def coerce_at(ctx: RuleContext, key: str, name: str, value: Any) -> Any:
     try:
         return coerce(name, value)
@@ -424,6 +443,7 @@ RULES: tuple[typing.Callable[[RuleContext], None], ...] = (
     check_train_section,
     check_eval,
     check_parameters,
+    check_optuna_seed,
     check_architectures,
     check_kimg_budget,
     check_compile,

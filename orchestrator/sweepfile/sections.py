@@ -93,6 +93,19 @@ class Scheduler(BaseModel):
     max_t: float | None = None  # None: train.kimg
 
 
+class Confirm(BaseModel):
+    """`confirm:`: after the sweep, run the best configurations (and declared baselines) again on fresh seeds
+    at the full budget, as the sweep `<name>-confirm` (orchestrator.workflow.confirm)."""
+
+    model_config = _FORBID
+    top: int = Field(1, strict=True)  # best configurations on metric.name (the selection rule's ranking)
+    include: list[dict[str, Any]] = Field(default_factory=list)  # always confirmed: every configuration matching
+    # A count (fresh seeds after the largest one used) or a list of unused seeds; checked in sweepfile.stages.
+    seeds: Any = 5
+    kimg: float | None = None  # budget; None = train.kimg
+    fid_split: str | None = None  # real images of the confirm FIDs; None = eval.fid_split
+
+
 class Resources(BaseModel):
     model_config = _FORBID
     cpu: float = 1.0
@@ -100,8 +113,9 @@ class Resources(BaseModel):
 
 
 # Not part of fingerprint(): they change how trials are scheduled, not what they compute.
+# `confirm` decides what runs after the sweep, as a sweep of its own with its own fingerprint.
 _NOT_FINGERPRINTED = {"description", "resources", "max_concurrent", "max_failures", "keep_checkpoints",
-                      "hang_timeout_min"}
+                      "hang_timeout_min", "confirm"}
 # A trial that reports nothing for this long ends as `error` (its first report may take twice as long).
 DEFAULT_HANG_TIMEOUT_MIN = 60.0
 
@@ -121,6 +135,9 @@ class Sweep(BaseModel):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     parameters: dict[str, Parameter] = Field(default_factory=dict)
+    # Method grid: explicit configurations (name -> value), each run on every combination of `parameters`
+    # (typically seeds). A confirm stage lists the configurations it selected this way.
+    configurations: list[dict[str, Any]] | None = None
     scheduler: Scheduler = Field(default_factory=Scheduler)
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: int | None = Field(None, ge=1)
@@ -131,6 +148,7 @@ class Sweep(BaseModel):
     # Minutes without a report before a trial is stopped as `error` (orchestrator.run.watchdog).
     hang_timeout_min: float = Field(DEFAULT_HANG_TIMEOUT_MIN, strict=True)
     tracking: Tracking | None = None  # W&B / MLflow loggers (orchestrator.sweepfile.tracking)
+    confirm: Confirm | None = None  # explore, then confirm on fresh seeds (orchestrator.workflow.confirm)
 
     _source_path: str = PrivateAttr("")
     _source_text: str = PrivateAttr("")
@@ -160,11 +178,30 @@ class Sweep(BaseModel):
             rng = np.random.default_rng(self.search_seed)
             return [self._in_file_order(sample(self.parameters, order, rng)) for _ in range(n)]
         grid = [self._in_file_order(t) for t in expand(self.parameters, replicates_last(order, self.parameters))]
+        if self.configurations is not None:  # each listed configuration on every combination (its seeds)
+            grid = [{**copy.deepcopy(c), **t} for c in self.configurations for t in grid]
         if n == 1:
             return grid
         # Repeats are seed replicates: each gets its own seed (train.seed + repeat), never a copy; innermost,
         # so that a configuration's seeds run side by side.
         return [{**t, "seed": self.train.seed + r, "repeat": r} for t in grid for r in range(n)]
+
+    def swept_names(self) -> list[str]:
+        """Every parameter a trial may set: the keys of `configurations` (in order), then `parameters`."""
+        names = [k for c in self.configurations or [] for k in c]
+        return list(dict.fromkeys([*names, *self.parameters]))
+
+    def seed_values(self) -> list[int] | None:
+        """The swept seed values when seed is a listed parameter, else None."""
+        spec = self.parameters.get("seed")
+        return [int(v) for v in spec.choices] if spec is not None and spec.categorical else None
+
+    def trial_count(self) -> int:
+        """How many trials the sweep runs: grid and random expand; an Optuna sweep proposes `num_samples`
+        configurations, each run on every swept seed."""
+        if self.method == "optuna":
+            return (self.num_samples or 0) * len(self.seed_values() or [None])
+        return len(self.trials())
 
     def replicates_seeds(self) -> bool:
         """Whether trials come in seed replicates of one configuration (seed swept, or grid repeats)."""
@@ -224,6 +261,7 @@ class Sweep(BaseModel):
         """sha256 of everything that decides which trials run and what they compute."""
         # Without `tracking:`, the fingerprint is the one sweeps had before the section existed.
         untracked = {"tracking"} if self.tracking is None else set()
+        untracked |= {"configurations"} if self.configurations is None else set()
         canonical = self.model_dump(mode="json", exclude=_NOT_FINGERPRINTED | untracked)
         canonical["parameters"] = [[k, v] for k, v in canonical["parameters"].items()]  # order matters
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))

@@ -295,14 +295,21 @@ def measure_sweep(spec, *, time_iterations: Callable | None = None, time_evaluat
         full = {n: run_to(m.cost, budget, evaluation_points(budget)[-1]).seconds for n, m in models.items()}
         dearest = max(full, key=full.get)
         cheapest = min(full, key=full.get)
-        trials = [{} for _ in range(spec.num_samples or 1)]  # their parameters are proposed at run time
+        # Their parameters are proposed at run time: num_samples configurations, each on every swept seed.
+        seeds = spec.seed_values() or [None]
+        trials = [{} if s is None else {"seed": s} for _ in range(spec.num_samples or 1) for s in seeds]
         model_of = [dearest] * len(trials)
-        groups: list[Any] = list(range(len(trials)))  # Optuna proposes a new configuration every trial
+        # Every proposal is a new configuration; ASHA per configuration culls its seeds together.
+        per_group = len(seeds) if spec.scheduler.unit == "config" else 1
+        groups: list[Any] = [i // per_group for i in range(len(trials))]
         which = (f"its one reachable model ({dearest})" if len(models) == 1 else
                  f"the most expensive of the {len(models)} reachable models ({dearest}; the cheapest, {cheapest}, "
                  f"would cost {full[cheapest] / full[dearest]:.0%} as much)")
-        notes.append(f"method optuna proposes its {len(trials)} trials at run time: each is costed as {which}, "
-                     "and each is its own configuration for ASHA")
+        replicated = f" ({spec.num_samples} configurations x {len(seeds)} seeds)" if len(seeds) > 1 else ""
+        unit = "the seeds of a configuration are culled together by ASHA" if per_group > 1 else \
+            "each is its own configuration for ASHA"
+        notes.append(f"method optuna proposes its {len(trials)} trials{replicated} at run time: each is costed as "
+                     f"{which}, and {unit}")
     else:
         trials = candidates
         model_of = [names[k] for k in keys]

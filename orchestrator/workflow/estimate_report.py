@@ -22,6 +22,7 @@ from orchestrator.workflow.estimate import (
     cost_key,
     evaluation_points,
     measure_sweep,
+    run_to,
     threads_of,
 )
 
@@ -134,6 +135,8 @@ def print_estimate(spec, console: Console, *, measure: Callable[..., SweepEstima
                 f"ASHA: no rung below max_t {asha.max_t:g} kimg (grace_period {asha.grace_period:g}): "
                 "nothing can be stopped early"
             )
+    if spec.confirm is not None:
+        lines.append(_confirm_line(est, res.full_seconds, hours))
     lines.append(_based_on(est, budget))
     lines.append(_memory_line(est))
     lines.append(_disk_line(est, budget))
@@ -270,3 +273,34 @@ def _disk_line(est: SweepEstimate, budget: Budget) -> str:
             + f" per trial (float32 weights and Adam moments), at most {mib(sum(per_trial))} for all "
             f"{len(per_trial)} trials while the sweep runs; after it, keep_checkpoints: {keep}: {kept}; sample "
             f"grids at most {mib(grid_bytes)} ({grids} evaluations)")
+
+
+def _confirm_line(est: SweepEstimate, first_seconds: float, hours: str) -> str:
+    """The confirm stage's cost, an upper bound (which configurations win is known only afterwards): the `top`
+    most expensive configurations plus every included one, each on every fresh seed at the confirm budget."""
+    from orchestrator.sweepfile.params import REPLICATE_PARAMS
+    from orchestrator.sweepfile.stages import confirm_name, matches
+
+    spec, c = est.spec, est.spec.confirm
+    budget = budget_of(spec)
+    kimg = c.kimg if c.kimg is not None else spec.train.kimg
+    budget = Budget(kimg, budget.every_kimg, budget.fid_samples, budget.final_fid_samples)
+    end = evaluation_points(budget)[-1]
+    per_config: dict[str, float] = {}  # configuration -> seconds of one seed at the confirm budget
+    configs: dict[str, dict[str, Any]] = {}
+    for params, model in zip(est.trials, est.model_of, strict=False):
+        config = {k: v for k, v in params.items() if k not in REPLICATE_PARAMS}
+        key = json.dumps(config, sort_keys=True, default=str)
+        configs[key] = config
+        per_config[key] = max(per_config.get(key, 0.0), run_to(est.models[model].cost, budget, end).seconds)
+    included = [k for k in configs if any(matches(e, configs[k]) for e in c.include)]
+    others = sorted((k for k in per_config if k not in included), key=per_config.get, reverse=True)
+    chosen = included + others[: c.top]
+    seeds = c.seeds if isinstance(c.seeds, int) else len(c.seeds)
+    seconds = seeds * sum(per_config[k] for k in chosen)
+    what = f"top {c.top}" + (f" + {len(included)} included" if included else "")
+    return (f"confirm stage {confirm_name(spec.name)} (FIFO, {kimg:g} kimg, {spec.eval.final_fid_samples} images per "
+            f"final FID): at most {len(chosen)} configurations ({what}) x {seeds} fresh seeds = {len(chosen) * seeds} "
+            f"trials: at most {seconds / 3600:.3g} {hours}{_also(seconds)} (the most expensive "
+            f"configurations); both stages without early stopping: {(first_seconds + seconds) / 3600:.3g} {hours}")
+

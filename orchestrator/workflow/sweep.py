@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -61,13 +62,14 @@ class SweepInterrupted(Exception):
 
 
 def total_trials(sweep: Sweep) -> int:
-    return sweep.num_samples if sweep.method == "optuna" else len(sweep.trials())
+    return sweep.trial_count()
 
 
 def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool, console: Console,
-              storage: str | None = None) -> Path:
+              storage: str | None = None, on_claimed: Callable[[Path], None] | None = None) -> Path:
     """Run the sweep to its end and print `done:`; raise SweepInterrupted if any trial is unfinished, and
-    StorageError if a node could not use the storage (before any trial; SweepHalted in a trial: resumable)."""
+    StorageError if a node could not use the storage (before any trial; SweepHalted in a trial: resumable).
+    `on_claimed(directory)` runs once the sweep's directory is this driver's (a confirm stage's selection)."""
     check_results(results, address)  # a --results that vanishes with the driver's node: refused before anything
     storage = storage_uri(storage) if storage is not None else None  # a bad --storage creates nothing
     with StopSignals() as stop:
@@ -82,6 +84,8 @@ def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool,
                 stop.signum or signal.SIGINT, total_trials(sweep), total_trials(sweep), resume
             ) from None
         try:
+            if on_claimed is not None:
+                on_claimed(sweep_dir.path)
             return _run(
                 sweep,
                 sweep_dir,

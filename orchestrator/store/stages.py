@@ -1,0 +1,57 @@
+"""Explore, then confirm: how a first stage `<results>/X/` and its confirm stage `<results>/X-confirm/` find
+each other on disk.
+
+The confirm stage is an ordinary sweep directory that also holds `selection.json` (written before it runs):
+which configurations of the first stage were chosen, by which rule, on which fresh seeds. That file is the
+link between the two; a directory merely named `X-confirm` is not a confirm stage of X.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from orchestrator.sweepfile.stages import CONFIRM_SUFFIX
+
+SELECTION_FILE = "selection.json"
+
+
+def read_selection(sweep_dir: Path) -> dict[str, Any] | None:
+    """The confirm stage's selection.json; None when absent or unreadable (a report must not fail on it)."""
+    try:
+        data = json.loads((Path(sweep_dir) / SELECTION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError covers JSONDecodeError and bad UTF-8
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def first_stage_name(selection: dict[str, Any] | None) -> str | None:
+    """The first stage's sweep name from a selection, when it is a plain directory name (it is joined to
+    the results root and put in links, so nothing like `../x` or `a/b`)."""
+    name = (selection or {}).get("sweep")
+    if not isinstance(name, str) or not name or name in (".", "..") or Path(name).name != name:
+        return None
+    return name
+
+
+def confirm_stage_of(sweep_dir: Path) -> Path | None:
+    """The sibling `<name>-confirm` directory whose selection.json names this sweep; None when there is none."""
+    sweep_dir = Path(sweep_dir)
+    candidate = sweep_dir.parent / f"{sweep_dir.name}{CONFIRM_SUFFIX}"
+    return candidate if first_stage_name(read_selection(candidate)) == sweep_dir.name else None
+
+
+def first_stage_of(sweep_dir: Path) -> Path | None:
+    """The first stage this confirm stage selected its configurations on (a sibling directory); None when
+    `sweep_dir` is not a confirm stage."""
+    name = first_stage_name(read_selection(sweep_dir))
+    return None if name is None else Path(sweep_dir).parent / name
+
+
+def confirm_pair(sweeps: list[Path]) -> Path | None:
+    """The confirm stage, when `sweeps` is exactly a first stage and its confirm stage; else None."""
+    if len(sweeps) != 2:
+        return None
+    first, second = sorted(sweeps, key=lambda p: len(p.name))  # X is shorter than X-confirm
+    confirm = confirm_stage_of(first)
+    return second if confirm is not None and confirm.name == second.name else None
