@@ -234,7 +234,7 @@ def selection_record(first: Sweep, candidates: list[Candidate], *, top: int, inc
         "metric": {"name": first.metric.name, "mode": first.metric.mode},
         "rule": rule_text(first.metric.name, first.metric.mode, top, include),
         "rule_short": rule_short(first.metric.name, top, include),
-        "top": top, "include": [{k: parameter_value(v) for k, v in e.items()} for e in include],
+        "top": top, "include": [dict(e) for e in include],
         "seeds": seeds, "kimg": kimg, "fid_split": fid_split, "allow_partial": allow_partial,
         "first_stage": counts, "candidates": [c.as_json() for c in candidates],
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

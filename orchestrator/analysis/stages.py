@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 from orchestrator.analysis.formats import fmt
-from orchestrator.store.stages import confirm_stage_of, first_stage_name, read_selection
+from orchestrator.store.stages import Stage, stage_of
 
 REPORT_FILE = "report.html"  # report.REPORT_FILE; not imported, report imports this module
 CHOSEN_STYLE = "background:#e3f4e8;font-weight:600"
@@ -28,33 +28,30 @@ HEADS = ("rank", "configuration", "tier", "value", "seed mean", "n", "rung (kimg
 
 def stage_html(sweep_dir: Path) -> str:
     """The confirm-stage part of `sweep_dir`'s report: "" for a sweep that is neither stage."""
-    sweep_dir = Path(sweep_dir)
-    selection = read_selection(sweep_dir)
-    if selection is not None and first_stage_name(selection) is not None:
-        return confirm_header(sweep_dir, selection)
-    confirm = confirm_stage_of(sweep_dir)
-    if confirm is not None:
-        return selection_section(confirm, read_selection(confirm) or {})
-    return ""
+    stage = stage_of(Path(sweep_dir), REPORT_FILE)  # read once: the rest only formats it
+    if stage is None:
+        return ""
+    return confirm_header(stage) if stage.role == "confirm" else selection_section(stage)
 
 
-def confirm_header(sweep_dir: Path, selection: dict[str, Any]) -> str:
+def confirm_header(stage: Stage) -> str:
     """Near the top of the confirm stage's page: what it confirms, and the way back to the exploration."""
-    first = str(first_stage_name(selection))
+    selection, first = stage.selection, stage.other
     sentence = (f"configurations selected by {text(selection.get('rule_short'))} on sweep {first}; "
                 f"fresh seeds {seeds_text(selection.get('seeds'))}")
     if selection.get("allow_partial") is True:
         sentence += " (first stage unfinished: confirmed with --allow-partial)"
-    link = sibling_link(sweep_dir.parent, first, "the first stage's report")
+    link = sibling_link(stage, "the first stage's report")
     parts = [f'<div class="note" id="confirm-stage">This is a confirm stage: {esc(sentence)}. {link}</div>']
     if isinstance(selection.get("rule"), str) and selection["rule"]:
         parts.append(f'<p class="muted">Selection rule: {esc(selection["rule"])}</p>')
     return "\n".join(parts)
 
 
-def selection_section(confirm: Path, selection: dict[str, Any]) -> str:
+def selection_section(stage: Stage) -> str:
     """On the first stage's page: the link to the confirm stage and the ranking it was chosen from."""
-    link = sibling_link(confirm.parent, confirm.name, f"the confirm stage's report ({confirm.name})")
+    selection = stage.selection
+    link = sibling_link(stage, f"the confirm stage's report ({stage.other})")
     metric = selection.get("metric") if isinstance(selection.get("metric"), dict) else {}
     goal = {"min": "lower is better", "max": "higher is better"}.get(metric.get("mode"), "")
     facts = [f"metric {text(metric.get('name'))}" + (f" ({goal})" if goal else ""),
@@ -103,14 +100,14 @@ def candidates_table(candidates: Any) -> str:
     )
 
 
-def sibling_link(results: Path, name: str, words: str) -> str:
+def sibling_link(stage: Stage, words: str) -> str:
     """A relative link to the other stage's report (both stages live under the same results root, each
     report in its own directory), with the command that writes it when it is not there yet."""
-    href = f"../{quote(name)}/{REPORT_FILE}"
+    href = f"../{quote(stage.other)}/{REPORT_FILE}"
     link = f'<a href="{esc(href)}">{esc(words)}</a>'
-    if (results / name / REPORT_FILE).is_file():
+    if stage.other_report:
         return link
-    return f"{link} (not written yet: run <code>orchestrator report --sweep {esc(name)}</code>)"
+    return f"{link} (not written yet: run <code>orchestrator report --sweep {esc(stage.other)}</code>)"
 
 
 def seeds_text(seeds: Any) -> str:

@@ -8,6 +8,7 @@ link between the two; a directory merely named `X-confirm` is not a confirm stag
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,27 @@ def confirm_pair(sweeps: list[Path]) -> Path | None:
     first, second = sorted(sweeps, key=lambda p: len(p.name))  # X is shorter than X-confirm
     confirm = confirm_stage_of(first)
     return second if confirm is not None and confirm.name == second.name else None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What a report needs to know of a sweep's place in explore-then-confirm, read in one go."""
+
+    role: str  # "confirm": this sweep is a confirm stage; "first": this sweep has one
+    selection: dict[str, Any]  # the confirm stage's selection.json
+    other: str  # the other stage's name (a sibling directory)
+    other_report: bool  # whether the other stage's report.html is written
+
+
+def stage_of(sweep_dir: Path, report_file: str = "report.html") -> Stage | None:
+    """The sweep's stage, or None for a sweep that is neither a confirm stage nor has one."""
+    sweep_dir = Path(sweep_dir)
+    selection = read_selection(sweep_dir)
+    first = first_stage_name(selection)
+    if selection is not None and first is not None:
+        return Stage("confirm", selection, first, (sweep_dir.parent / first / report_file).is_file())
+    confirm = confirm_stage_of(sweep_dir)
+    if confirm is None:
+        return None
+    return Stage("first", read_selection(confirm) or {}, confirm.name, (confirm / report_file).is_file())
+

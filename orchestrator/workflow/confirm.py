@@ -30,7 +30,7 @@ from orchestrator.analysis.selection import (
 from orchestrator.store.failures import ENDED
 from orchestrator.store.provenance import read_provenance
 from orchestrator.store.reader import ResultsError, load_trials
-from orchestrator.store.stages import SELECTION_FILE, first_stage_of
+from orchestrator.store.stages import SELECTION_FILE, first_stage_of, read_selection
 from orchestrator.sweepfile.errors import SweepError
 from orchestrator.sweepfile.loading import load_sweep
 from orchestrator.sweepfile.rules import check_sweep
@@ -129,10 +129,10 @@ def unfinished_first_stage(first_dir: Path, first: Sweep) -> str | None:
 
 def plan_confirm(results: Path, name: str, *, first: Sweep | None = None, top: int | None = None,
                  include: list[dict[str, Any]] | None = None, seeds: int | list[int] | None = None,
-                 allow_partial: bool = False, check_data: bool = True) -> ConfirmPlan:
+                 allow_partial: bool = False, check_data: bool = True, use_recorded: bool = True) -> ConfirmPlan:
     """Select the configurations of the finished sweep `name` and build its confirm stage (nothing is written).
-    `first`: the first stage as this driver just ran it (else read from its directory). The flags override
-    the sweep's `confirm:` section (defaults without one)."""
+    `first`: the first stage as this driver just ran it (else read from its directory). The flags override the
+    settings of an existing confirm stage (`use_recorded`), else the sweep's `confirm:` section, else defaults."""
     first_dir = results / name
     if not (first_dir / "fingerprint").exists():
         raise ConfirmError(f"{results}: no sweep named '{name}' to confirm")
@@ -144,7 +144,7 @@ def plan_confirm(results: Path, name: str, *, first: Sweep | None = None, top: i
         first, recorded = first_stage_sweep(first_dir)
     if (first_dir / "fingerprint").read_text().strip() != first.fingerprint():
         raise ConfirmError(f"{first_dir}: holds another sweep named '{name}' than the one given")
-    settings = _settings(first, top=top, include=include, seeds=seeds)
+    settings = _settings(results, first, top=top, include=include, seeds=seeds, use_recorded=use_recorded)
     if check_data:
         check_data_unchanged(first, recorded)
     unfinished = unfinished_first_stage(first_dir, first)
@@ -173,9 +173,24 @@ def plan_confirm(results: Path, name: str, *, first: Sweep | None = None, top: i
     return ConfirmPlan(first, first_dir, sweep, candidates, record)
 
 
-def _settings(first: Sweep, *, top, include, seeds) -> Confirm:
-    """The sweep's confirm section with the command line's flags applied (each checked like the section)."""
-    settings = (first.confirm or Confirm()).model_copy(deep=True)
+def recorded_settings(results: Path, first: Sweep) -> Confirm | None:
+    """The settings an existing confirm stage of `first` was selected with (its selection.json), if any: running
+    or resuming it again without flags makes the same selection, whatever the sweep file says now."""
+    record = read_selection(results / confirm_name(first.name))
+    if not record or record.get("sweep") != first.name:
+        return None
+    try:
+        return Confirm(top=record["top"], include=record["include"], seeds=record["seeds"], kimg=record["kimg"],
+                       fid_split=record["fid_split"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _settings(results: Path, first: Sweep, *, top, include, seeds, use_recorded: bool) -> Confirm:
+    """The confirm settings (an existing confirm stage's, else the sweep's section, else the defaults) with the
+    command line's flags applied, each checked like the section."""
+    recorded = recorded_settings(results, first) if use_recorded else None
+    settings = (recorded or first.confirm or Confirm()).model_copy(deep=True)
     if top is not None:
         if top < 1:
             _flag_error("top", top, f"must be >= 1, got {top}")
@@ -308,7 +323,7 @@ def run_stages(spec: Sweep, results: Path, *, address: str | None, resume: bool,
             run_sweep(spec, results, address=address, resume=resume, console=console, storage=storage)
         except SweepErrors as exc:
             errors.append(exc)
-    plan = plan_confirm(results, spec.name, first=spec, check_data=False)
+    plan = plan_confirm(results, spec.name, first=spec, check_data=False, use_recorded=False)  # the file's section
     print_selection(plan, console)
     try:
         run_confirm(plan, results, address=address, resume=resume and (confirm_dir / "tune").exists(),
