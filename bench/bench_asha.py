@@ -9,6 +9,12 @@ FID, 2 kimg each, an FID every 0.5 kimg, ASHA grace 0.5 kimg / reduction factor 
 compares the total kimg trained, the wall time (including Ray's start), and the best configuration by
 mean final FID over its completed seeds (what a paper table reports), against FIFO's.
 
+A fourth arm, "asha unit=config + confirm", is the per-configuration ASHA sweep with `confirm: {top: 1,
+seeds: --confirm-seeds}`: afterwards the stage `<name>-confirm` runs the selected configuration on fresh seeds
+(after the tuning seeds), FIFO, full budget. Its kimg and wall time cover both stages; its FID is the confirmed
+configuration's mean final FID over the fresh seeds, checked against the Student-t 95% CI (n-1 df) of FIFO's
+best configuration's mean over its seeds.
+
 --packing (needs a CUDA GPU; not run on CPU): trials per GPU. --packing-trials trials of a width-512
 DCGAN (seeds only) with resources.gpu 1, 0.5 and 0.25 (1, 2 and 4 trials sharing the GPU), fifo,
 one evaluation per trial; compares wall time and aggregate images/s (total kimg / wall).
@@ -18,6 +24,7 @@ one evaluation per trial; compares wall time and aggregate images/s (total kimg 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -28,12 +35,19 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 from bench_common import REPO, device_name, markdown_table, run_metadata, write_results
+from scipy import stats
 
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "anime-faces-64"
 
 
-def asha_sweep(name: str, scheduler: str, args: argparse.Namespace, unit: str | None = None) -> dict:
-    return {
+# (label, scheduler, ASHA unit, whether the sweep has a confirm stage)
+ARMS = (("fifo", "fifo", None, False), ("asha unit=trial", "asha", "trial", False),
+        ("asha unit=config", "asha", "config", False), ("asha unit=config + confirm", "asha", "config", True))
+
+
+def asha_sweep(name: str, scheduler: str, args: argparse.Namespace, unit: str | None = None,
+               confirm: bool = False) -> dict:
+    spec = {
         "name": name,
         "description": "bench_asha: ASHA vs FIFO on the same trials",
         "method": "grid",
@@ -54,6 +68,9 @@ def asha_sweep(name: str, scheduler: str, args: argparse.Namespace, unit: str | 
         "resources": {"cpu": 1, "gpu": 0},
         "max_failures": 0,
     }
+    if confirm:  # fresh seeds: a count continues after the largest tuning seed
+        spec["confirm"] = {"top": 1, "seeds": args.confirm_seeds}
+    return spec
 
 
 def packing_sweep(name: str, gpu_fraction: float, args: argparse.Namespace) -> dict:
@@ -87,28 +104,126 @@ def run_sweep(spec: dict, root: Path, dry_run: bool = False) -> tuple[float, Pat
     return seconds, root / "results" / spec["name"] / "trials.parquet"
 
 
-def summarise(label: str, seconds: float, trials_file: Path) -> dict:
-    trials = pq.read_table(trials_file).to_pylist()
-    statuses: dict[str, int] = {}
+def config_label(trial: dict) -> str:
+    return f"{trial['variant']} {trial['g_widths']}"
+
+
+def finals_by_config(trials: list[dict]) -> dict[str, list[float]]:
+    """Each configuration's final FIDs over its completed seeds."""
     finals: dict[str, list[float]] = {}
     for t in trials:
+        if t["status"] == "completed" and t["final_fid"] is not None:
+            finals.setdefault(config_label(t), []).append(t["final_fid"])
+    return finals
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float | None, float | None]:
+    """The mean and its Student-t 95% confidence interval (n-1 degrees of freedom); no interval for n < 2."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, None
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / n**0.5
+    return mean, mean - half, mean + half
+
+
+def status_text(trials: list[dict]) -> str:
+    statuses: dict[str, int] = {}
+    for t in trials:
         statuses[t["status"]] = statuses.get(t["status"], 0) + 1
-        if t["status"] == "completed":
-            finals.setdefault(f"{t['variant']} {t['g_widths']}", []).append(t["final_fid"])
+    return " ".join(f"{k}={v}" for k, v in sorted(statuses.items()))
+
+
+def summarise(label: str, seconds: float, stages: list[list[dict]]) -> dict:
+    """One arm's row. `stages`: each stage's trials (the sweep, then its confirm stage if any). Trials, kimg and
+    wall time cover every stage; the best configuration comes from the last stage (a confirm stage reports its
+    confirmed configurations on fresh seeds, which is what its paper table would show)."""
+    finals = finals_by_config(stages[-1])
     # The paper-table answer: the configuration with the lowest mean final FID over its completed seeds
     # (with per-trial ASHA those are the seeds that survived, which is what biases it).
     means = {config: sum(v) / len(v) for config, v in finals.items()}
     best = min(means, key=means.get)
+    mean, lo, hi = mean_ci95(finals[best])
     return {
         "run": label,
-        "trials": len(trials),
-        "statuses": " ".join(f"{k}={v}" for k, v in sorted(statuses.items())),
-        "kimg_trained": round(sum(t["kimg"] or 0.0 for t in trials), 2),
+        "trials": len(stages[0]) if len(stages) == 1 else " + ".join(str(len(trials)) for trials in stages),
+        "statuses": "; confirm: ".join(status_text(trials) for trials in stages),
+        "kimg_trained": round(sum(t["kimg"] or 0.0 for trials in stages for t in trials), 2),
+        "kimg_per_stage": [round(sum(t["kimg"] or 0.0 for t in trials), 2) for trials in stages],
         "wall_s": round(seconds, 1),
         "best_config": best,
-        "best_mean_final_fid": round(means[best], 3),
+        "best_mean_final_fid": round(mean, 3),
         "seeds_in_mean": len(finals[best]),
+        "ci95": None if lo is None else f"{lo:.3f} to {hi:.3f}",
+        "mean": mean,
+        "ci": (lo, hi),
+        "finals": finals,
     }
+
+
+def confirm_verdict(fifo: dict, row: dict, selection: dict) -> str:
+    """The confirmed configuration's fresh-seed mean against the Student-t 95% CI of FIFO's best mean."""
+    lo, hi = fifo["ci"]
+    within = "n/a (FIFO's best has < 2 seeds)" if lo is None else (
+        "yes" if lo <= row["mean"] <= hi else "no")
+    chosen = [c for c in selection["candidates"] if c["chosen"]]
+    picked = ", ".join(f"{c['label']} (tier {c['tier']}, first-stage value "
+                       f"{'-' if c['value'] is None else round(c['value'], 3)} at {c['rung']} kimg, n={c['n']})"
+                       for c in chosen)
+    tuning = fifo["finals"].get(row["best_config"], [])
+    tuning_mean = f"{sum(tuning) / len(tuning):.3f} (n={len(tuning)})" if tuning else "- (no completed seed)"
+    return (
+        f"ASHA + confirm: kimg trained {row['kimg_trained']} (first stage {row['kimg_per_stage'][0]} + confirm "
+        f"{row['kimg_per_stage'][1]}) = {row['kimg_vs_fifo']} x FIFO's {fifo['kimg_trained']}; wall "
+        f"{row['wall_s']} s for both stages.\n"
+        f"  selected by {selection['rule_short']!r}: {picked}; confirmed on fresh seeds {selection['seeds']}: "
+        f"{row['best_config']} mean final FID {row['best_mean_final_fid']} over n={row['seeds_in_mean']} "
+        f"(95% CI {row['ci95']}).\n"
+        f"  FIFO's best: {fifo['best_config']} mean final FID {fifo['best_mean_final_fid']} over "
+        f"n={fifo['seeds_in_mean']} tuning seeds, Student-t 95% CI (scipy.stats.t, n-1 = "
+        f"{fifo['seeds_in_mean'] - 1} df) {fifo['ci95']}; FIFO's mean of the confirmed configuration on the "
+        f"tuning seeds: {tuning_mean}.\n"
+        f"  confirmed mean within FIFO's best CI: {within}; same configuration as FIFO's best: "
+        f"{'yes' if row['best_config'] == fifo['best_config'] else 'no'}.\n"
+        f"  Caveat: tiny CPU runs on procedural faces with a tiny-conv FID on {row['seeds_in_mean']} and "
+        f"{fifo['seeds_in_mean']} seeds: the FIDs are noisy and the CI is wide; neither answer is a finding."
+    )
+
+
+def load_trials(file: Path) -> list[dict]:
+    return pq.read_table(file).to_pylist()
+
+
+PRIVATE = ("mean", "ci", "finals", "kimg_per_stage", "selection")  # working keys, not printed or written
+
+
+def asha_arms(args: argparse.Namespace, root: Path) -> tuple[list[dict], list[str]]:
+    rows, notes = [], []
+    for label, scheduler, unit, confirm in ARMS:
+        name = "bench-" + label.replace(" + ", "-").replace(" ", "-").replace("=", "-")
+        spec = asha_sweep(name, scheduler, args, unit, confirm)
+        seconds, trials_file = run_sweep(spec, root)
+        stages = [load_trials(trials_file)]
+        if confirm:  # the stage <name>-confirm, under the same results root
+            stages.append(load_trials(root / "results" / f"{name}-confirm" / "trials.parquet"))
+        rows.append(summarise(label, seconds, stages))
+        if confirm:
+            rows[-1]["selection"] = json.loads((root / "results" / f"{name}-confirm" / "selection.json").read_text())
+        print({k: v for k, v in rows[-1].items() if k not in PRIVATE}, flush=True)
+    fifo = rows[0]
+    for row in rows:
+        row["kimg_vs_fifo"] = round(row["kimg_trained"] / fifo["kimg_trained"], 2)
+        row["same_best_as_fifo"] = row["best_config"] == fifo["best_config"]
+        lo, hi = fifo["ci"]
+        if row is not fifo and lo is not None:
+            row["in_fifo_best_ci95"] = lo <= row["mean"] <= hi
+        if "selection" in row:
+            notes.append(confirm_verdict(fifo, row, row["selection"]))
+    for row in rows:
+        for key in PRIVATE:
+            row.pop(key, None)
+    return rows, notes
 
 
 def main() -> None:
@@ -123,26 +238,21 @@ def main() -> None:
         if args.packing:
             title, rows = "GPU packing (fifo, width 512)", packing(args, root)
             columns = ["gpu_per_trial", "trials", "kimg_trained", "wall_s", "images_per_s_total"]
+            notes = []
         else:
-            rows = []
-            for label, scheduler, unit in (("fifo", "fifo", None), ("asha unit=trial", "asha", "trial"),
-                                           ("asha unit=config", "asha", "config")):
-                spec = asha_sweep(f"bench-{label.replace(' ', '-').replace('=', '-')}", scheduler, args, unit)
-                seconds, trials_file = run_sweep(spec, root)
-                rows.append(summarise(label, seconds, trials_file))
-                print(rows[-1], flush=True)
-            fifo = rows[0]
-            for row in rows:
-                row["kimg_vs_fifo"] = round(row["kimg_trained"] / fifo["kimg_trained"], 2)
-                row["same_best_as_fifo"] = row["best_config"] == fifo["best_config"]
-            title = f"FIFO vs per-trial vs per-configuration ASHA (4 configurations x {args.seeds} seeds)"
+            rows, notes = asha_arms(args, root)
+            title = (f"FIFO vs per-trial vs per-configuration ASHA, and per-configuration ASHA + confirm "
+                     f"(4 configurations x {args.seeds} seeds; confirm: top 1 on {args.confirm_seeds} fresh seeds)")
             columns = ["run", "trials", "statuses", "kimg_trained", "kimg_vs_fifo", "wall_s", "best_config",
-                       "best_mean_final_fid", "seeds_in_mean", "same_best_as_fifo"]
+                       "best_mean_final_fid", "seeds_in_mean", "ci95", "same_best_as_fifo", "in_fifo_best_ci95"]
     print()
     print(markdown_table(rows, columns))
+    for note in notes:
+        print("\n" + note)
     device = torch.device("cuda" if args.packing else "cpu")
     meta = run_metadata(device_name(device), kimg=args.packing_kimg if args.packing else args.kimg,
-                        every_kimg=args.every_kimg, grace=args.grace, reduction_factor=args.reduction_factor)
+                        every_kimg=args.every_kimg, grace=args.grace, reduction_factor=args.reduction_factor,
+                        seeds=args.seeds, confirm_seeds=args.confirm_seeds, notes=notes)
     write_results(Path(args.out_dir), "packing" if args.packing else "asha", meta, {title: (rows, columns)})
 
 
@@ -167,6 +277,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--grace", type=float, default=0.5, help="ASHA grace period, kimg")
     p.add_argument("--reduction-factor", type=float, default=2.0)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--confirm-seeds", type=int, default=3,
+                   help="fresh seeds of the ASHA + confirm arm's confirm stage (after the tuning seeds)")
     p.add_argument("--packing", action="store_true", help="GPU packing instead (needs CUDA)")
     p.add_argument("--packing-trials", type=int, default=4)
     p.add_argument("--packing-kimg", type=float, default=20.0)

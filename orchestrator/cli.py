@@ -18,6 +18,7 @@ from gan.data import DataError, prepare_dataset
 from orchestrator.store.reader import ResultsError, find_sweep, load_trials
 from orchestrator.sweepfile.errors import SweepError
 from orchestrator.sweepfile.loading import load_sweep
+from orchestrator.workflow.commands import DEFAULT_RESULTS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sweeps of GAN architectures on Ray Tune: ASHA on FID, results in Parquet.")
@@ -26,7 +27,6 @@ app.add_typer(data_app, name="data")
 console = Console()
 if not console.is_terminal:  # pipes and CI: wide enough that tables are not truncated
     console = Console(width=200)
-DEFAULT_RESULTS = Path("results")
 
 
 def fail(message: str) -> None:
@@ -86,6 +86,7 @@ def sweep(
     )),
 ) -> None:
     """Run a sweep on Ray Tune (local by default)."""
+    from orchestrator.workflow.commands import rerun_command
     from orchestrator.workflow.confirm import run_stages
     from orchestrator.workflow.sweep import (  # Ray only once the sweep runs
         SweepErrors,
@@ -151,24 +152,6 @@ def sweep(
             )
         )
         fail(f"cannot join the Ray cluster at {address}: {exc}{auth}")
-
-
-def rerun_command(
-    file: Path, *, data: str | None, results: Path, address: str | None, storage: str | None, resume: bool
-) -> str:
-    """The `orchestrator sweep` command line that continues (or restarts) this sweep with the same flags."""
-    import shlex
-
-    words = ["orchestrator", "sweep", str(file)] + (["--resume"] if resume else [])
-    for flag, value in (
-        ("--data", data),
-        ("--results", results if results != DEFAULT_RESULTS else None),
-        ("--address", address),
-        ("--storage", storage),
-    ):
-        if value is not None:
-            words += [flag, str(value)]
-    return shlex.join(words)
 
 
 @app.command()
@@ -453,8 +436,11 @@ def confirm(
     except SweepErrors:
         raise typer.Exit(1) from None
     except SweepInterrupted as stop:
-        typer.echo(f"interrupted: {stop.unfinished} of {stop.total} trials unfinished; continue with: orchestrator "
-                   f"confirm --results {results} --sweep {name} --resume", err=True)
+        import shlex
+
+        again = ["orchestrator", *sys.argv[1:]] + ([] if resume else ["--resume"])  # the same flags: the same selection
+        typer.echo(f"interrupted: {stop.unfinished} of {stop.total} trials unfinished; continue with: "
+                   f"{shlex.join(again)}", err=True)
         raise typer.Exit(128 + stop.signum if stop.signum else 1) from None
 
 
@@ -480,7 +466,9 @@ def results_command(
     from orchestrator.store.tables import ResultsFormatError, export_table
 
     try:
-        rows = export_table(find_sweep(results, sweep_name), table.value, fmt.value, out)
+        sweep_dir = find_sweep(results, sweep_name)
+        say_stage(results, sweep_name, sweep_dir)
+        rows = export_table(sweep_dir, table.value, fmt.value, out)
     except (ResultsError, ResultsFormatError) as exc:
         fail(str(exc))
     except OSError as exc:

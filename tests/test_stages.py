@@ -135,7 +135,8 @@ def test_first_stage_report_links_the_confirm_stage_and_shows_the_selection(stag
     page = write_report(first).read_text()
     assert '<h2 id="confirm">Confirm stage</h2>' in page
     assert 'href="../smoke-confirm/report.html"' in page
-    assert "run <code>orchestrator report --sweep smoke-confirm</code>" in page  # not written yet
+    results = first.parent
+    assert f"run <code>orchestrator report --results {results} --sweep smoke-confirm</code>" in page  # not yet
     assert "ranked on the median final fid &lt;of completed seeds&gt;." in page  # the rule, escaped
     table = page[page.index('<table class="selection">'):]
     table = table[:table.index("</table>")]

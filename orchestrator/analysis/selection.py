@@ -110,7 +110,7 @@ def select(sweep_dir, first: Sweep, *, top: int, include: list[dict[str, Any]]) 
         return (order[c.tier], -(c.rung or 0.0) if c.tier == "cut" else 0.0, value, c.label)
 
     candidates.sort(key=sort_key)
-    for rank, c in enumerate((c for c in candidates if c.tier != "unmeasured"), start=1):
+    for rank, c in enumerate((c for c in candidates if c.tier in ("completed", "cut")), start=1):
         c.rank = rank
     for c in [c for c in candidates if c.tier in ("completed", "cut")][:top]:
         c.why.append(f"top {top}")

@@ -7,6 +7,7 @@ dashes, never to a failed report: the rest of the page is still worth having.
 from __future__ import annotations
 
 import html
+import shlex
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -107,7 +108,8 @@ def sibling_link(stage: Stage, words: str) -> str:
     link = f'<a href="{esc(href)}">{esc(words)}</a>'
     if stage.other_report:
         return link
-    return f"{link} (not written yet: run <code>orchestrator report --sweep {esc(stage.other)}</code>)"
+    command = f"orchestrator report --results {shlex.quote(stage.results)} --sweep {stage.other}"
+    return f"{link} (not written yet: run <code>{esc(command)}</code>)"
 
 
 def seeds_text(seeds: Any) -> str:

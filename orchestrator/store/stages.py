@@ -66,6 +66,7 @@ class Stage:
     selection: dict[str, Any]  # the confirm stage's selection.json
     other: str  # the other stage's name (a sibling directory)
     other_report: bool  # whether the other stage's report.html is written
+    results: str  # the results root both stages live in
 
 
 def stage_of(sweep_dir: Path, report_file: str = "report.html") -> Stage | None:
@@ -74,9 +75,11 @@ def stage_of(sweep_dir: Path, report_file: str = "report.html") -> Stage | None:
     selection = read_selection(sweep_dir)
     first = first_stage_name(selection)
     if selection is not None and first is not None:
-        return Stage("confirm", selection, first, (sweep_dir.parent / first / report_file).is_file())
+        return Stage("confirm", selection, first, (sweep_dir.parent / first / report_file).is_file(),
+                     str(sweep_dir.parent))
     confirm = confirm_stage_of(sweep_dir)
     if confirm is None:
         return None
-    return Stage("first", read_selection(confirm) or {}, confirm.name, (confirm / report_file).is_file())
+    return Stage("first", read_selection(confirm) or {}, confirm.name, (confirm / report_file).is_file(),
+                 str(sweep_dir.parent))
 

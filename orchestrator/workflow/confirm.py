@@ -301,8 +301,9 @@ def check_same_selection(plan: ConfirmPlan, confirm_dir: Path) -> None:
     elif _chosen(before) != _chosen(plan.record) or before.get("seeds") != plan.record["seeds"]:
         why = f"the selection changed ({', '.join(_chosen(before))} -> {', '.join(_chosen(plan.record))})"
     if why:
-        raise ConfirmError(f"{confirm_dir}: can't resume this confirm stage: {why} since it started; start it "
-                           "afresh under another --results")
+        raise ConfirmError(f"{confirm_dir}: can't resume this confirm stage: {why} since it started; resume it "
+                           "with the settings it started with (selection.json), or move the directory away to "
+                           "start it afresh")
 
 
 def _chosen(record: dict[str, Any]) -> list[str]:
@@ -355,7 +356,8 @@ def print_selection(plan: ConfirmPlan, console: Console) -> None:
                       c["why"] or "")
     console.print(table)
     seeds = ", ".join(map(str, record["seeds"]))
-    console.print(f"confirm stage {plan.sweep.name}: {len(plan.chosen)} configurations x seeds {seeds} = "
+    n = len(plan.chosen)
+    console.print(f"confirm stage {plan.sweep.name}: {n} configuration{'s' if n != 1 else ''} x seeds {seeds} = "
                   f"{plan.sweep.trial_count()} trials, FIFO, {record['kimg']:g} kimg each, "
                   f"{plan.sweep.eval.final_fid_samples} images per final FID on split {record['fid_split']}")
 

@@ -53,8 +53,9 @@ def confirm_line(spec) -> str | None:
     c = spec.confirm
     if c is None:
         return None
-    include = "".join(f" + every configuration matching {e}" for e in c.include)
-    seeds = f"{c.seeds} fresh seeds" if isinstance(c.seeds, int) else f"seeds {c.seeds}"
+    include = "".join(" + every configuration matching " + ",".join(f"{k}={v}" for k, v in e.items())
+                      for e in c.include)
+    seeds = f"{c.seeds} fresh seeds" if isinstance(c.seeds, int) else "seeds " + ", ".join(map(str, c.seeds))
     kimg = c.kimg if c.kimg is not None else spec.train.kimg
     return (f"then confirm stage {spec.name}-confirm: the top {c.top} configuration(s) on {spec.metric.name}{include}, "
             f"{seeds} each, FIFO, {kimg:g} kimg, {spec.eval.final_fid_samples} images per final FID")
