@@ -7,14 +7,17 @@ appended to part files, the scheduler's changes to a journal).
 
 For each size N, the tables are pre-filled in bulk with N evaluations (16 per trial) and N/16 trials, and the
 scheduler with those trials; then at least 200 results of a stub trial go through the results callback and
-ConfigASHA, each timed. The Tune run times our callback methods inside a real run of short trials with a mock
-trainable and reports their share of the driver's wall time. The last line is
-`per-evaluation ms: 100=<a> 1000=<b> 10000=<c>` (the new path's median).
+ConfigASHA, each timed. The Tune run times every method of our callback that Tune calls on the driver inside a
+real run of short trials with a mock trainable and reports their share of the driver's wall time. Work that
+the results path hands to its sync thread (fsyncs, merges of part files) is not on the driver's thread: it is
+reported beside, as `sync_thread_*` (wall and CPU time). The load average is printed before and after. The
+last line is `per-evaluation ms: 100=<a> 1000=<b> 10000=<c>` (the new path's median).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +34,7 @@ if str(REPO) not in sys.path:
 from orchestrator.run.callbacks import ResultsCallback  # noqa: E402
 from orchestrator.run.schedulers import ConfigASHA, config_key  # noqa: E402
 from orchestrator.run.tune_config import trial_params  # noqa: E402
+from orchestrator.store import parts  # noqa: E402
 from orchestrator.store.parts import write_atomic  # noqa: E402
 from orchestrator.store.tables import (  # noqa: E402
     EVALUATION_COLUMNS,
@@ -108,6 +112,36 @@ class LegacyWriter:
         path.write_text(json.dumps(self.scheduler._state()))
 
 
+class SyncThreadTime:
+    """Time spent on the sync thread (fsyncs; merges of parts, their fsync, rename and the deletion of their
+    sources): not on the driver's thread, so not in the callback's figures, but reported beside them, as wall
+    time and as that thread's CPU time."""
+
+    def __init__(self):
+        self.s = self.cpu_s = 0.0
+
+    def __enter__(self):
+        self.saved = {name: getattr(parts, name) for name in ("_fsync_all", "_merge")}
+        for name, job in self.saved.items():
+            setattr(parts, name, self._timed(job))
+        return self
+
+    def _timed(self, job):
+        def timed(*args):
+            start, cpu = time.perf_counter(), time.thread_time()
+            try:
+                job(*args)
+            finally:
+                self.s += time.perf_counter() - start
+                self.cpu_s += time.thread_time() - cpu
+        return timed
+
+    def __exit__(self, *exc):
+        parts.drain_syncs()
+        for name, job in self.saved.items():
+            setattr(parts, name, job)
+
+
 def time_calls(call, n: int) -> list[float]:
     times = []
     for k in range(n):
@@ -118,7 +152,7 @@ def time_calls(call, n: int) -> list[float]:
 
 
 def bench_size(sweep, n_rows: int, calls: int, legacy: bool) -> dict:
-    with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp, SyncThreadTime() as sync_thread:
         sweep_dir = Path(tmp)
         prefill(sweep_dir, sweep, n_rows)
         scheduler = scheduler_for(sweep, sweep_dir, max(1, n_rows // EVALS_PER_TRIAL))
@@ -147,9 +181,14 @@ def bench_size(sweep, n_rows: int, calls: int, legacy: bool) -> dict:
 
             times = time_calls(call, calls)
             callback.get_state()
-    return {"rows": n_rows, "path": "old" if legacy else "new", "calls": calls,
-            "median_ms": round(statistics.median(times), 3), "p90_ms": round(sorted(times)[int(0.9 * calls)], 3),
-            "mean_ms": round(statistics.fmean(times), 3)}
+            callback.writer.sync()  # untimed: what is still on the sync thread, before the folder goes
+    row = {"rows": n_rows, "path": "old" if legacy else "new", "calls": calls,
+           "median_ms": round(statistics.median(times), 3), "p90_ms": round(sorted(times)[int(0.9 * calls)], 3),
+           "mean_ms": round(statistics.fmean(times), 3)}
+    if not legacy:
+        row["sync_thread_ms_per_result"] = round(1000 * sync_thread.s / calls, 3)
+        row["sync_thread_cpu_ms_per_result"] = round(1000 * sync_thread.cpu_s / calls, 3)
+    return row
 
 
 def bench_tune(sweep, n_trials: int) -> dict:
@@ -159,26 +198,21 @@ def bench_tune(sweep, n_trials: int) -> dict:
     import ray
     from ray import tune
 
-    spent = {"s": 0.0, "results": 0}
+    spent = {"s": 0.0}
 
-    class Timed(ResultsCallback):
-        def on_trial_result(self, *args, **kwargs):
+    def timed(name: str):
+        def method(self, *args, **kwargs):
             start = time.perf_counter()
-            super().on_trial_result(*args, **kwargs)
+            out = getattr(ResultsCallback, name)(self, *args, **kwargs)
             spent["s"] += time.perf_counter() - start
-            spent["results"] += 1
+            spent[name] = spent.get(name, 0) + 1
+            return out
+        return method
 
-        def on_trial_complete(self, *args, **kwargs):
-            start = time.perf_counter()
-            super().on_trial_complete(*args, **kwargs)
-            spent["s"] += time.perf_counter() - start
-
-        def get_state(self):
-            start = time.perf_counter()
-            state = super().get_state()
-            spent["s"] += time.perf_counter() - start
-            spent["flushes"] = spent.get("flushes", 0) + 1
-            return state
+    # Every method of ours that Tune calls on the driver, the per-trial and per-run ones included.
+    Timed = type("Timed", (ResultsCallback,), {name: timed(name) for name in (
+        "setup", "on_step_begin", "on_trial_start", "on_trial_restore", "on_trial_result", "on_trial_complete",
+        "on_trial_error", "get_state", "on_experiment_end")})
 
     def mock(config):
         # Each report carries a (tiny) checkpoint, as every evaluation of a real trial does: with num_to_keep=1
@@ -189,7 +223,7 @@ def bench_tune(sweep, n_trials: int) -> dict:
                 tune.report({"kimg": 0.25 * (k + 1), "fid": 40.0 - k, "extractor": "tiny-conv", "fid_samples": 64},
                             checkpoint=tune.Checkpoint.from_directory(ckpt))
 
-    with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp, SyncThreadTime() as sync_thread:
         sweep_dir = Path(tmp)
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
@@ -208,10 +242,15 @@ def bench_tune(sweep, n_trials: int) -> dict:
             wall = time.perf_counter() - start
         finally:
             ray.shutdown()
-    return {"trials": n_trials, "results": spent["results"], "get_state_calls": spent.get("flushes", 0),
-            "wall_s": round(wall, 1),
-            "callback_ms_per_result": round(1000 * spent["s"] / max(spent["results"], 1), 3),
-            "callback_share_of_wall": f"{100 * spent['s'] / wall:.2f}%"}
+    results = max(spent.get("on_trial_result", 0), 1)
+    return {"trials": n_trials, "results": results, "results_per_trial": round(results / n_trials, 2),
+            "get_state_calls": spent.get("get_state", 0), "wall_s": round(wall, 1),
+            "results_per_s": round(results / wall, 2),
+            "callback_ms_per_result": round(1000 * spent["s"] / results, 3),
+            "callback_share_of_wall": f"{100 * spent['s'] / wall:.2f}%",
+            "sync_thread_ms_per_result": round(1000 * sync_thread.s / results, 3),
+            "sync_thread_cpu_ms_per_result": round(1000 * sync_thread.cpu_s / results, 3),
+            "sync_thread_share_of_wall": f"{100 * sync_thread.s / wall:.2f}%"}
 
 
 def main() -> None:
@@ -221,6 +260,7 @@ def main() -> None:
     parser.add_argument("--tune-trials", type=int, default=200, help="trials of the Tune run")
     args = parser.parse_args()
     sweep = load_sweep(REPO / "sweeps" / "smoke.yaml")
+    print(json.dumps({"load_average_at_start": os.getloadavg()}), flush=True)
     sizes = [100, 1000, 10000] if args.quick else [100, 1000, 10000, 100000]
     rows = []
     for n in sizes:
@@ -231,6 +271,7 @@ def main() -> None:
     new = {r["rows"]: r["median_ms"] for r in rows if r["path"] == "new"}
     if not args.quick:
         print(json.dumps(bench_tune(sweep, args.tune_trials)), flush=True)
+    print(json.dumps({"load_average_at_end": os.getloadavg()}), flush=True)
     print("per-evaluation ms: " + " ".join(f"{n}={new[n]}" for n in sizes if n <= 10000))
 
 

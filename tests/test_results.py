@@ -120,6 +120,8 @@ def test_parts_merge_into_levels_so_their_number_stays_small(tmp_path):
     n = MERGE_FANOUT * MERGE_FANOUT + 3
     for k in range(n):
         writer.add_evaluation(evaluation(f"t{k % 7}", float(k), float(k)))
+    assert len(read_rows(tmp_path, "evaluations")) == n  # also while merges wait for their fsync
+    writer.sync()  # merged parts are renamed into place, and their sources deleted, on the sync thread
     files = part_files(tmp_path, "evaluations")
     assert len(files) < 2 * MERGE_FANOUT
     assert len(read_rows(tmp_path, "evaluations")) == n
@@ -166,6 +168,8 @@ def test_a_table_written_before_part_files_existed_reads_as_it_is(tmp_path):
 
 
 class _Sweep:
+    parameters: dict = {}  # effective_config records each parameter's spec; this stub sweeps none
+
     def __init__(self, kimg):
         self.kimg = kimg
 
@@ -237,4 +241,131 @@ def test_parts_are_fsynced_together_at_most_every_second(tmp_path, monkeypatch):
     assert len(part_files(tmp_path, "trials")) == 2 and synced == []  # visible, not yet fsynced
     now["t"] = parts_module.SYNC_EVERY_S
     log.append({"trial_id": "c"})
+    health.wait_synced()  # the batch went to the sync thread
     assert sorted(synced) == sorted(p.name for p in part_files(tmp_path, "trials"))
+
+
+def test_a_part_holds_the_values_to_table_makes(tmp_path):
+    """Parts are built in one conversion, not column by column: the same types and values as to_table."""
+    from datetime import datetime, timezone
+
+    from orchestrator.store.tables import EVALUATION_COLUMNS, TRIAL_COLUMNS, _PartTable, parameter_types, to_table
+
+    params = parameter_types(PARAMS)
+    when = datetime(2026, 12, 3, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    rows = [
+        {"sweep": "s", "trial_id": "t0", "amp": 1, "beta1": 1, "g_widths": 64, "heads": 4.0, "lr_d": 1e-4, "seed": True,
+         "variant": "dcgan", "kimg": float("nan"), "fid": float("inf"), "is_mean": True, "extractor": "tiny-conv",
+         "fid_samples": 64, "final": False, "time": when, "best_fid": 3, "status": "running", "started": when,
+         "_seq": 7, "unknown": object()},
+        {"sweep": "s", "trial_id": "t1", "_seq": 8, "_deleted": True},
+    ]
+    for fixed in (EVALUATION_COLUMNS, TRIAL_COLUMNS):
+        expected = to_table(rows, fixed, params)
+        expected = expected.append_column("_seq", pa.array([7, 8], type=pa.int64()))
+        expected = expected.append_column("_deleted", pa.array([False, True]))
+        assert pa.Table.from_batches([_PartTable(fixed, params)(rows)]).equals(expected)
+    with pytest.raises(pa.ArrowInvalid):  # the checked cast of to_table
+        _PartTable(EVALUATION_COLUMNS, params)([{"trial_id": "t0", "heads": 2.5}])
+
+
+def test_updates_between_flushes_write_one_row_per_key(tmp_path):
+    writer = ResultsWriter(tmp_path, "s", ["seed"])
+    writer.update_trial("t0", seed=0, status="pending")
+    writer.update_trial("t0", status="running")
+    writer.add_evaluation(evaluation("t0", 1.0, 50.0))
+    writer.add_evaluation(evaluation("t0", 1.0000001, 45.0))  # the same kimg, re-reported
+    writer.update_trial("t0", kimg=1.0, best_fid=45.0)
+    writer.flush()
+    [trials], [evals] = part_files(tmp_path, "trials"), part_files(tmp_path, "evaluations")
+    assert pa.ipc.open_file(str(trials)).read_all().num_rows == 1
+    assert pa.ipc.open_file(str(evals)).read_all().num_rows == 1
+    [row] = read_rows(tmp_path, "trials")
+    assert (row["seed"], row["status"], row["kimg"], row["best_fid"]) == (0, "running", 1.0, 45.0)
+    assert [r["fid"] for r in read_rows(tmp_path, "evaluations")] == [45.0]
+
+
+def test_merges_include_the_parts_a_killed_session_left(tmp_path):
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    for k in range(5):
+        writer.add_evaluation(evaluation("t0", float(k), 50.0 - k))
+    # The driver is killed: no compaction. The next session merges those parts with its own.
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    for k in range(5, 5 + MERGE_FANOUT):
+        writer.add_evaluation(evaluation("t1", float(k), 50.0 - k))
+    writer.sync()
+    files = part_files(tmp_path, "evaluations")
+    assert len(files) < MERGE_FANOUT and any(".1." in p.name for p in files)
+    assert len(read_rows(tmp_path, "evaluations")) == 5 + MERGE_FANOUT
+    writer.close()
+    assert len(pq.read_table(tmp_path / EVALUATIONS_FILE)) == 5 + MERGE_FANOUT
+
+
+def test_the_callback_flushes_every_row_in_get_state(tmp_path):
+    """Tune saves its experiment state right after get_state: no row it will not deliver again stays in memory."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from orchestrator.run.callbacks import ResultsCallback
+    from orchestrator.sweepfile.loading import load_sweep
+
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml")
+    callback = ResultsCallback(sweep, str(tmp_path))
+    callback.setup()
+    trial = SimpleNamespace(trial_id="t0", config={"params": {"variant": "dcgan", "seed": 1}}, checkpoint=None)
+    callback.on_trial_start(0, [], trial)
+    callback.on_trial_result(1, [], trial, {"kimg": 0.25, "fid": 40.0, "extractor": "tiny-conv"})
+    assert read_rows(tmp_path, "evaluations") == []  # buffered (256 rows or 5 s) ...
+    assert callback.get_state() is None
+    [evaluation_row] = read_rows(tmp_path, "evaluations")  # ... until Tune saves its state
+    assert (evaluation_row["fid"], evaluation_row["seed"], evaluation_row["variant"]) == (40.0, 1, "dcgan")
+    [trial_row] = read_rows(tmp_path, "trials")
+    assert (trial_row["status"], trial_row["evaluations"], trial_row["best_fid"]) == ("running", 1, 40.0)
+    callback.get_state()  # nothing pending: no new part
+    assert len(part_files(tmp_path, "trials")) == 1
+
+
+def test_compaction_waits_for_a_merge_still_on_the_sync_thread(tmp_path, monkeypatch):
+    import time
+
+    fsync = parts_module.fsync_file
+
+    def slow_disk(path):
+        time.sleep(0.05)
+        fsync(path)
+
+    monkeypatch.setattr(parts_module, "fsync_file", slow_disk)
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    for k in range(MERGE_FANOUT):
+        writer.add_evaluation(evaluation("t0", float(k), 50.0 - k))
+    writer.update_trial("t0", seed=0, status="completed")
+    writer.flush()
+    compact(tmp_path)  # as the driver does after Tune returns, the writer's merge not yet renamed into place
+    assert not (tmp_path / PARTS_DIR).exists()  # no merged part appeared after the compaction
+    assert len(pq.read_table(tmp_path / EVALUATIONS_FILE)) == MERGE_FANOUT
+
+
+def test_summaries_kept_up_to_date_agree_with_a_full_count(tmp_path):
+    nan = float("nan")
+    writer = ResultsWriter(tmp_path, "s", ["seed"])
+    reports = [(1.0, 50.0, 1.1), (2.0, nan, None), (3.0, 40.0, 1.5), (4.0, 40.0, 1.2), (3.0, 45.0, 1.0),
+               (5.0, float("inf"), 1.3), (6.0, 39.0, nan), (7.0, 38.0, 1.4)]
+    seen = {}
+    for kimg, fid, is_mean in reports:
+        writer.add_evaluation({"trial_id": "t0", "kimg": kimg, "fid": fid, "is_mean": is_mean})
+        seen[kimg] = (fid, is_mean)
+        fids = [(f, k) for k, (f, _) in seen.items() if f is not None and f == f and abs(f) != float("inf")]
+        is_values = [v for _, v in seen.values() if v is not None]
+        got = writer.summary("t0")
+        best_is = max(is_values, default=None)
+        assert (got["evaluations"], got["best_fid"], got["best_fid_kimg"]) == (len(seen), *min(fids)), kimg
+        assert got["best_is"] == best_is or (got["best_is"] != got["best_is"] and best_is != best_is), kimg
+
+
+def test_compaction_removes_what_a_killed_writer_never_renamed_into_place(tmp_path):
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    writer.add_evaluation(evaluation("t0", 1.0, 50.0))
+    (tmp_path / PARTS_DIR / ".evaluations.1.000000000000.part.999.tmp").write_bytes(b"half a merge")
+    compact(tmp_path)
+    assert not (tmp_path / PARTS_DIR).exists()
+    assert [r["fid"] for r in read_rows(tmp_path, "evaluations")] == [50.0]

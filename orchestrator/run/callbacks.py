@@ -47,20 +47,30 @@ class ResultsCallback(tune.Callback):
         self.retried: dict[str, str] = {}  # trial -> why it was moved to a whole GPU
         self.reconciled = 0  # how many of the scheduler's stopped configurations were reconciled
         self.nodes_seen: set[str] = set()  # nodes whose versions this run recorded (provenance)
+        self.param_rows: dict[str, tuple[dict, dict]] = {}
 
     def setup(self, **info):
         self.writer = ResultsWriter(Path(self.sweep_dir), self.sweep.name, parameter_columns(self.sweep))
         self.nodes_seen = set()
+        self.param_rows = {}  # trial -> (its parameters, their columns): parameter_row validates a whole config
         self.notes: dict[str, str] = {}  # trial -> how it was resumed (orchestrator.run.restore), once it ends
         self.restored_checked = False
         if self.live is not None:
             self.live.start(self.writer)
 
+    def _params(self, trial) -> dict:
+        """The trial's parameter columns, built again only when its parameters change."""
+        params = trial_params(trial.config)
+        cached = self.param_rows.get(trial.trial_id)
+        if cached is None or cached[0] != params:
+            cached = self.param_rows[trial.trial_id] = (params, parameter_row(self.sweep, params))
+        return cached[1]
+
     def _ensure(self, trial) -> None:
         if trial.trial_id not in self.writer.trials:
             self.writer.update_trial(
                 trial.trial_id,
-                **parameter_row(self.sweep, trial_params(trial.config)),
+                **self._params(trial),
                 status="pending",
                 kimg=0.0,
                 evaluations=0,
@@ -115,7 +125,7 @@ class ResultsCallback(tune.Callback):
             return
         row = {
             "trial_id": trial.trial_id,
-            **parameter_row(self.sweep, trial_params(trial.config)),
+            **self._params(trial),
             **{k: result.get(k) for k in EVAL_KEYS},
             "time": now(),
         }
@@ -180,6 +190,7 @@ class ResultsCallback(tune.Callback):
             self.live.stop()
         if self.writer is not None:
             self.writer.flush()
+            self.writer.sync()  # merges and fsyncs still on the sync thread end with the experiment
         if hasattr(self.scheduler, "snapshot"):
             self.scheduler.snapshot()  # the sweep's end: the journal becomes scheduler.json
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.store.parts import SYNC_EVERY_S
+from orchestrator.store.parts import SYNC_EVERY_S, fsync_later
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -52,17 +52,15 @@ class SavedState:
             f.write(json.dumps(event) + "\n")
 
     def flush_state(self) -> None:
-        """Make the journal durable, at most once a second (Ray Tune's experiment checkpoints call this through
-        the results callback; see orchestrator.store.parts.WriteHealth for why not on every call)."""
+        """Make the journal durable, at most once a second and on the sync thread (Ray Tune's experiment
+        checkpoints call this through the results callback; see orchestrator.store.parts.WriteHealth for why
+        not on every call, nor on the driver's thread)."""
         now = time.monotonic()
         if now - getattr(self, "_last_sync", 0.0) < SYNC_EVERY_S:
             return
         self._last_sync = now
-        try:
-            with open(self.journal_file, "rb+") as f:
-                os.fsync(f.fileno())
-        except FileNotFoundError:
-            pass
+        if self.journal_file.exists():  # a journal removed meanwhile (snapshot) is skipped by the sync thread
+            fsync_later([self.journal_file])
 
     def snapshot(self) -> None:
         """The whole state to `state_file`, then an empty journal."""

@@ -24,9 +24,11 @@ from orchestrator.store.parts import (
     SEQ,
     PartLog,
     WriteHealth,
+    drain_syncs,
     latest,
     max_seq,
     part_files,
+    read_listed_parts,
     read_parts,
     write_atomic,
 )
@@ -127,15 +129,16 @@ def parameter_types(names: Iterable[str]) -> dict[str, pa.DataType]:
 
 def parameter_columns(sweep: Sweep) -> list[str]:
     """Every swept parameter, plus the three every leaderboard needs, as Parquet columns."""
-    return sorted(set(sweep.parameters) | {"variant", "g_widths", "seed"})
+    return sorted(set(sweep.swept_names()) | {"variant", "g_widths", "seed"})
 
 
 def parameter_row(sweep: Sweep, params: dict[str, Any]) -> dict[str, Any]:
     """A trial's parameter columns; a conditional parameter that does not apply is null."""
     cfg = sweep.trial_config(params)
     row = {}
+    swept = set(sweep.swept_names())
     for name in parameter_columns(sweep):
-        if name in sweep.parameters:
+        if name in swept:
             value = params.get(name)
         else:
             value = getattr(cfg.model, name) if hasattr(cfg.model, name) else getattr(cfg.train, name)
@@ -167,6 +170,7 @@ FORMAT_FILE = ".results-format"
 FORMAT_VERSION = 2
 KEYS = {"evaluations": ["trial_id", "kimg"], "trials": ["trial_id"]}
 FILES = {"evaluations": EVALUATIONS_FILE, "trials": TRIALS_FILE}
+READ_ATTEMPTS = 10
 
 
 class ResultsFormatError(RuntimeError):
@@ -191,11 +195,12 @@ def read_table(sweep_dir: Path, name: str) -> pa.Table | None:
     """The table `name` ("evaluations" or "trials") as readers see it: compacted rows and parts merged, the
     latest row of each key, deleted trials dropped, sorted by key. None when nothing was written yet."""
     check_format(sweep_dir)
-    tables = []
     compacted = sweep_dir / FILES[name]
-    if compacted.exists():
-        tables.append(pq.read_table(compacted))
-    parts = read_parts(part_files(sweep_dir, name))
+    for _ in range(READ_ATTEMPTS):  # again while a merge or compaction moves rows under the listing
+        tables = [pq.read_table(compacted)] if compacted.exists() else []
+        parts, whole = read_listed_parts(sweep_dir, name)
+        if whole:
+            break
     if parts is not None:
         tables.append(parts)
     if not tables:
@@ -215,6 +220,7 @@ def read_rows(sweep_dir: Path, name: str) -> list[dict[str, Any]]:
 def compact(sweep_dir: Path) -> None:
     """Fold the part files into `evaluations.parquet` and `trials.parquet`, then delete them. Idempotent: a
     crash before the parts are deleted leaves rows that the next read or compaction deduplicates."""
+    drain_syncs()  # a merge renamed into place after this listing would bring back rows older than the tables
     for name in FILES:
         parts = part_files(sweep_dir, name)
         if not parts:
@@ -225,14 +231,53 @@ def compact(sweep_dir: Path) -> None:
         for part in parts:
             part.unlink(missing_ok=True)
     folder = sweep_dir / PARTS_DIR
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
+    if folder.is_dir():
+        for leftover in folder.glob(".*.tmp"):  # never renamed into place by a killed writer: no row only there
+            leftover.unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
-def _part_table(rows: list[dict[str, Any]], fixed: dict[str, pa.DataType], params: dict[str, pa.DataType]) -> pa.Table:
-    table = to_table(rows, fixed, params)
-    table = table.append_column(SEQ, pa.array([r[SEQ] for r in rows], type=pa.int64()))
-    return table.append_column(DELETED, pa.array([bool(r.get(DELETED)) for r in rows], type=pa.bool_()))
+class _PartTable:
+    """Builds a part from its rows in one conversion (a struct array) instead of one pyarrow call per column:
+    a part holds a few rows, and per-column calls were most of its cost. The values are those `to_table`
+    makes, plus `_seq` and `_deleted` (tests/test_results.py compares the two)."""
+
+    def __init__(self, fixed: dict[str, pa.DataType], params: dict[str, pa.DataType]):
+        fields = [pa.field(n, k) for part in (IDENTITY_COLUMNS, params, fixed) for n, k in part.items()]
+        self.type = pa.struct([*fields, pa.field(SEQ, pa.int64()), pa.field(DELETED, pa.bool_())])
+        self.floats = [n for n, k in fixed.items() if k == pa.float64()]
+        self.labels = [n for n, k in params.items() if k == pa.string()]
+        self.checked = {n: k for n, k in params.items() if k != pa.string()}
+        exact = {pa.int64(): int, pa.float64(): float, pa.bool_(): bool}
+        self.exact = {n: exact.get(k) for n, k in self.checked.items()}
+
+    def _fit(self, name: str, value: Any) -> Any:
+        """A parameter value through to_table's checked cast (2.5 for an int column raises), unless it already
+        has the column's Python type."""
+        if type(value) is self.exact[name]:
+            return value
+        return pa.array([value]).cast(self.checked[name])[0].as_py()
+
+    def __call__(self, rows: list[dict[str, Any]]) -> pa.RecordBatch:
+        ready = []
+        for row in rows:
+            row = dict(row)
+            for name in self.floats:  # non-finite numbers are null; the trial's status says why
+                value = row.get(name)
+                if value is not None and not finite(value):
+                    row[name] = None
+            for name in self.labels:
+                value = row.get(name)
+                if value is not None:
+                    row[name] = str(value)
+            for name in self.checked:
+                value = row.get(name)
+                if value is not None:
+                    row[name] = self._fit(name, value)
+            row[DELETED] = bool(row.get(DELETED))
+            ready.append(row)
+        return pa.RecordBatch.from_struct_array(pa.array(ready, type=self.type))
 
 
 class ResultsWriter:
@@ -251,17 +296,22 @@ class ResultsWriter:
         # Parameter names (typed from the sweep schema), or name -> Arrow type.
         self.params = dict(params) if isinstance(params, Mapping) else parameter_types(params)
         check_format(sweep_dir)
+        drain_syncs()  # another writer's merges in this process end first: _seq continues from every row
         self.trials: dict[str, dict[str, Any]] = {row["trial_id"]: row for row in read_rows(sweep_dir, "trials")}
         self._scores: dict[str, dict[float, tuple[float | None, float | None]]] = {}  # trial -> kimg -> (fid, is)
         self._latest: dict[str, dict[str, Any]] = {}  # trial -> its evaluation at the highest kimg
+        self._best: dict[str, list] = {}  # trial -> [(best fid, its kimg) or None, best IS or None]
         for row in read_rows(sweep_dir, "evaluations"):  # --resume continues the tables
             self._index(row)
         start = {name: max_seq(read_parts(part_files(sweep_dir, name))) + 1 for name in FILES}
-        options = {"flush_rows": flush_rows, "flush_seconds": flush_seconds, "health": WriteHealth()}
+        self._health = WriteHealth()
+        options = {"flush_rows": flush_rows, "flush_seconds": flush_seconds, "health": self._health}
         columns = {"evaluations": EVALUATION_COLUMNS, "trials": TRIAL_COLUMNS}
+        keys = {"evaluations": lambda row: (row["trial_id"], round(row["kimg"], 6)),
+                "trials": lambda row: row["trial_id"]}
         self._logs = {
-            name: PartLog(sweep_dir, name, lambda rows, fixed=columns[name]: _part_table(rows, fixed, self.params),
-                          start[name], **options)
+            name: PartLog(sweep_dir, name, _PartTable(columns[name], self.params), start[name], key=keys[name],
+                          **options)
             for name in FILES
         }
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +320,17 @@ class ResultsWriter:
 
     def _index(self, row: dict[str, Any]) -> None:
         trial, kimg = row["trial_id"], round(row["kimg"], 6)
-        self._scores.setdefault(trial, {})[kimg] = (row.get("fid"), row.get("is_mean"))
+        scores = self._scores.setdefault(trial, {})
+        fid, is_mean = row.get("fid"), row.get("is_mean")
+        best = self._best.get(trial)
+        if kimg in scores:  # a re-reported evaluation may have been the best: summed up again when asked
+            self._best.pop(trial, None)
+        elif best is not None:  # as min() and max() over the scores in order would pick, one score at a time
+            if fid is not None and finite(fid) and (best[0] is None or (fid, kimg) < best[0]):
+                best[0] = (fid, kimg)
+            if is_mean is not None and (best[1] is None or is_mean > best[1]):
+                best[1] = is_mean
+        scores[kimg] = (fid, is_mean)
         if trial not in self._latest or round(self._latest[trial]["kimg"], 6) <= kimg:
             self._latest[trial] = row
 
@@ -296,23 +356,33 @@ class ResultsWriter:
 
     def summary(self, trial_id: str) -> dict[str, Any]:
         """The trial's evaluations summed up: count, best FID (and where), best IS, and its latest evaluation
-        (`last`, None before the first). Costs the trial's own evaluations, never the whole table."""
+        (`last`, None before the first). Kept up to date as evaluations come: a result costs the same whatever
+        the number of evaluations before it (one re-reported costs the trial's own evaluations once)."""
         scores = self._scores.get(trial_id, {})
-        fids = [(fid, kimg) for kimg, (fid, _) in scores.items() if fid is not None and finite(fid)]
-        best = min(fids, default=None)
-        is_values = [v for _, v in scores.values() if v is not None]
-        return {"evaluations": len(scores), "best_fid": best[0] if best else None,
-                "best_fid_kimg": best[1] if best else None, "best_is": max(is_values, default=None),
+        best = self._best.get(trial_id)
+        if best is None:
+            fids = [(fid, kimg) for kimg, (fid, _) in scores.items() if fid is not None and finite(fid)]
+            is_values = [v for _, v in scores.values() if v is not None]
+            best = self._best[trial_id] = [min(fids, default=None), max(is_values, default=None)]
+        return {"evaluations": len(scores), "best_fid": best[0][0] if best[0] else None,
+                "best_fid_kimg": best[0][1] if best[0] else None, "best_is": best[1],
                 "last": self._latest.get(trial_id)}
 
     def flush(self) -> None:
         for log in self._logs.values():
             log.flush()
+        self._health.maybe_sync()  # also when nothing was written: a quiet spell still gets its fsync
+
+    def sync(self) -> None:
+        """Make every row flushed so far durable (waits for the sync thread); `flush()` first for the buffered."""
+        self._health.sync()
 
     def close(self) -> None:
         self.flush()
-        next(iter(self._logs.values())).health.sync()
+        self.sync()
         compact(self.dir)
+        for log in self._logs.values():
+            log.reset_parts()  # compaction deleted them
 
 
 EXPORT_FORMATS = ("parquet", "csv")
