@@ -1,16 +1,14 @@
 """Per-configuration ASHA survives a killed driver: `--resume` makes the decisions an uninterrupted run makes.
 
 Two real runs of the same tiny sweep (3 configurations x 2 seeds, one trial at a time so the order of
-results is fixed, and CPU training that resumes bit-identically from a checkpoint): one uninterrupted,
-one SIGKILLed after ASHA's first decision and then resumed. Every trial must end in the same status, at
+results is fixed, and CPU training that resumes bit-identically from a checkpoint), side by side: one
+uninterrupted, one SIGKILLed after ASHA's first decision and then resumed. Every trial must end in the same status, at
 the same rung, judged on the same mean; the scheduler's saved state must be the same.
 """
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -71,13 +69,9 @@ def test_killed_driver_and_resume_cull_the_same_configurations(tmp_path, tmp_pat
     for name in ("straight", "killed"):
         (tmp_path / f"{name}.yaml").write_text(SWEEP.format(name=name))
 
-    straight = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(tmp_path / "straight.yaml"),
-                               "--results", str(results)], capture_output=True, text=True, env=env, timeout=1200)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = outcome(results / "straight")
-    assert len(expected) == 6 and {s for s, _, _ in expected.values()} <= {"completed", "stopped_early"}
-    assert any(s == "stopped_early" for s, _, _ in expected.values()), "ASHA culled no configuration"
-
+    # The two runs are independent until they are compared, and each trains one trial at a time on one core:
+    # they run at once, on the two cores.
+    straight = start_sweep(tmp_path / "straight.yaml", results, env)
     killed_dir = results / "killed"
     first = start_sweep(tmp_path / "killed.yaml", results, env)
     resumed = None
@@ -100,10 +94,16 @@ def test_killed_driver_and_resume_cull_the_same_configurations(tmp_path, tmp_pat
         resumed = start_sweep(tmp_path / "killed.yaml", results, env, "--resume")
         resumed.wait(timeout=1200)
         assert resumed.returncode == 0, log_of(resumed)[-3000:]
+        straight.wait(timeout=1200)
     finally:
-        for proc in (first, resumed):
+        for proc in (first, resumed, straight):
             if proc is not None:
                 stop(proc, ray_of_first if proc is first else {})
+
+    assert straight.returncode == 0, log_of(straight)[-3000:]
+    expected = outcome(results / "straight")
+    assert len(expected) == 6 and {s for s, _, _ in expected.values()} <= {"completed", "stopped_early"}
+    assert any(s == "stopped_early" for s, _, _ in expected.values()), "ASHA culled no configuration"
 
     assert outcome(killed_dir) == expected
     state = json.loads((killed_dir / "scheduler.json").read_text())

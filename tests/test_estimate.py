@@ -174,9 +174,8 @@ def test_estimate_of_the_smoke_sweep_runs_on_cpu_in_seconds_without_ray(tmp_path
     assert "tiny-conv features timed on 256 samples" in out
 
 
-def test_estimate_without_dry_run_is_one_line_error():
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "sweeps/smoke.yaml", "--estimate"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+def test_estimate_without_dry_run_is_one_line_error(orchestrator_cli):
+    proc = orchestrator_cli("sweep", "sweeps/smoke.yaml", "--estimate", cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: --estimate needs --dry-run: `orchestrator sweep FILE --dry-run --estimate` "
                                    "times the models and runs nothing")

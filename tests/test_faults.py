@@ -598,6 +598,8 @@ def test_checkpoint_carrying_code_is_refused_on_resume(tmp_path):
     assert not marker.exists()
 
 
+# --- sweeps whose trials fail at once: no CUDA, a hung trial, a node that cannot use the storage ----------------
+
 ALL_ERROR_SWEEP = """\
 name: no-cuda
 data: {synthetic_count: 300}
@@ -610,33 +612,7 @@ max_failures: 2
 """
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_an_all_error_sweep_exits_1_and_names_each_trial_without_a_traceback(tmp_path, tmp_path_factory):
-    """`train.device: cuda` where there is none: every trial is an error (not retried, never a silent CPU
-    run), the sweep says so and exits 1."""
-    (tmp_path / "no-cuda.yaml").write_text(ALL_ERROR_SWEEP)
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(tmp_path / "no-cuda.yaml"),
-                           "--results", str(tmp_path / "results")], capture_output=True, text=True,
-                          env=cli_env(tmp_path_factory), timeout=600)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1, output[-4000:]
-    assert "done with errors: 2 of 2 trials ended in error" in proc.stdout, output[-4000:]
-    assert "Traceback" not in output and "\ndone:" not in output, output[-4000:]
-    sweep_dir = tmp_path / "results" / "no-cuda"
-    trials = rows(sweep_dir / TRIALS_FILE)
-    assert [t["status"] for t in trials] == ["error", "error"]
-    for t in trials:
-        assert t["reason"].startswith("no usable CUDA for cuda: torch ") and "driver" in t["reason"]
-        assert t["device_used"] is None and t["evaluations"] == 0
-        line = next(li for li in proc.stdout.splitlines() if li.strip().startswith(t["trial_id"]))
-        assert f"seed={t['seed']}" in line and t["reason"] in line
-        assert (sweep_dir / "trials" / t["trial_id"] / "error.txt").read_text().strip() == t["reason"]
-        # Not retried under max_failures: Tune saw no exception at all.
-        assert not (tune_trial_dir(sweep_dir, t["trial_id"]) / "error.txt").exists()
-
-
-# --- a hung trial, and a trial on a node that cannot use the storage ---------------------------------------
+UNSHARED_PARAMETERS = "parameters:\n  seed: {values: [0, 1]}\nmax_concurrent: 1\n"
 
 
 def run_cli(file: Path, results_root: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
@@ -644,38 +620,62 @@ def run_cli(file: Path, results_root: Path, env: dict[str, str], *extra: str) ->
                            str(results_root), *extra], capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.slow
-def test_a_trial_that_reports_nothing_is_stopped_as_error_by_the_hang_watchdog(tmp_path, tmp_path_factory):
+class CliRun:
+    """`orchestrator sweep FILE --results RESULTS_ROOT` in a process of its own, started now."""
+
+    def __init__(self, file: Path, results_root: Path, env: dict[str, str], *extra: str):
+        self.file, self.results_root, self.started = file, results_root, time.monotonic()
+        self.out, self.err = (results_root.parent / f"{file.stem}{''.join(extra)}.{kind}" for kind in ("out", "err"))
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(file), "--results",
+                                          str(results_root), *extra], stdout=out, stderr=err, env=env)
+
+    def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Wait for the sweep to end: its exit code, stdout and stderr."""
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            stop(self.proc, {})
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.out.read_text(),
+                                           self.err.read_text())
+
+
+@pytest.fixture(scope="module")
+def failing_runs(tmp_path_factory):
+    """The three sweeps of the tests below, whose trials end in error at once (no CUDA, a hung trial, a node
+    without the storage), started side by side: each is mostly a local Ray's start and stop, which overlap."""
+    from orchestrator.run.storage import INJECT_UNSHARED_ENV
     from orchestrator.run.trainable import INJECT_HANG_ENV
 
-    file = sweep_file(tmp_path, "hung", 0.5, "hang_timeout_min: 0.05\n")  # 3 s; 6 s for the first report
-    started = time.monotonic()
-    proc = run_cli(file, tmp_path / "results", {**cli_env(tmp_path_factory), INJECT_HANG_ENV: "900"})
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1, output[-4000:]
-    assert "done with errors: 1 of 1 trials ended in error" in proc.stdout, output[-4000:]
-    assert "Traceback" not in output, output[-4000:]
-    assert time.monotonic() - started < 600, "the sweep waited for the stuck trial instead of stopping it"
-    sweep_dir = tmp_path / "results" / "hung"
-    [trial] = rows(sweep_dir / TRIALS_FILE)
-    assert trial["status"] == "error" and trial["evaluations"] == 0, trial
-    assert trial["reason"].startswith("no progress for 0.1 min since the trial started"), trial["reason"]
-    line = next(li for li in proc.stdout.splitlines() if li.strip().startswith(trial["trial_id"]))
-    assert "no progress for 0.1 min" in line
-    assert not (tune_trial_dir(sweep_dir, trial["trial_id"]) / "error.txt").exists()  # not retried as a crash
+    env = cli_env(tmp_path_factory)
+    runs: dict[str, CliRun] = {}
+    try:
+        if not torch.cuda.is_available():
+            root = tmp_path_factory.mktemp("no-cuda")
+            (root / "no-cuda.yaml").write_text(ALL_ERROR_SWEEP)
+            runs["no-cuda"] = CliRun(root / "no-cuda.yaml", root / "results", env)
+        root = tmp_path_factory.mktemp("hung")
+        file = sweep_file(root, "hung", 0.5, "hang_timeout_min: 0.05\n")  # 3 s; 6 s for the first report
+        runs["hung"] = CliRun(file, root / "results", {**env, INJECT_HANG_ENV: "900"})
+        root = tmp_path_factory.mktemp("unshared")
+        file = sweep_file(root, "unshared", 0.5, UNSHARED_PARAMETERS)
+        runs["unshared"] = CliRun(file, root / "results", {**env, INJECT_UNSHARED_ENV: "1"})
+        yield runs
+    finally:
+        for run in runs.values():
+            stop(run.proc, {})
 
 
+# First of the three: its --resume runs while the other two sweeps end.
 @pytest.mark.slow
-def test_a_node_without_the_storage_stops_the_sweep_in_one_line_and_resume_continues(tmp_path, tmp_path_factory):
+def test_a_node_without_the_storage_stops_the_sweep_in_one_line_and_resume_continues(failing_runs, tmp_path_factory):
     """Every trial's own check finds the results directory unshared (as on a node added without the mount):
     the first one stops the whole sweep, in one line, exit 2, with no trial retried or counted as an error;
     once the storage is fixed, --resume finishes the sweep."""
-    from orchestrator.run.storage import INJECT_UNSHARED_ENV
-
-    file = sweep_file(tmp_path, "unshared", 0.5, "parameters:\n  seed: {values: [0, 1]}\nmax_concurrent: 1\n")
-    results_root = tmp_path / "results"
+    run = failing_runs["unshared"]  # GAN_SWEEPS_INJECT_UNSHARED=1: every trial's check fails
+    file, results_root = run.file, run.results_root
     sweep_dir = results_root / "unshared"
-    proc = run_cli(file, results_root, {**cli_env(tmp_path_factory), INJECT_UNSHARED_ENV: "1"})
+    proc = run.result()
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-4000:]
     assert "Traceback" not in output and "Tuner.restore" not in output and "Stop signal" not in output, output
@@ -695,3 +695,45 @@ def test_a_node_without_the_storage_stops_the_sweep_in_one_line_and_resume_conti
     trials = rows(sweep_dir / TRIALS_FILE)
     assert sorted(t["status"] for t in trials) == ["completed", "completed"], trials
     assert stopped["trial_id"] in {t["trial_id"] for t in trials}  # the stopped trial itself was continued
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_all_error_sweep_exits_1_and_names_each_trial_without_a_traceback(failing_runs):
+    """`train.device: cuda` where there is none: every trial is an error (not retried, never a silent CPU
+    run), the sweep says so and exits 1."""
+    run = failing_runs["no-cuda"]
+    proc = run.result()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-4000:]
+    assert "done with errors: 2 of 2 trials ended in error" in proc.stdout, output[-4000:]
+    assert "Traceback" not in output and "\ndone:" not in output, output[-4000:]
+    sweep_dir = run.results_root / "no-cuda"
+    trials = rows(sweep_dir / TRIALS_FILE)
+    assert [t["status"] for t in trials] == ["error", "error"]
+    for t in trials:
+        assert t["reason"].startswith("no usable CUDA for cuda: torch ") and "driver" in t["reason"]
+        assert t["device_used"] is None and t["evaluations"] == 0
+        line = next(li for li in proc.stdout.splitlines() if li.strip().startswith(t["trial_id"]))
+        assert f"seed={t['seed']}" in line and t["reason"] in line
+        assert (sweep_dir / "trials" / t["trial_id"] / "error.txt").read_text().strip() == t["reason"]
+        # Not retried under max_failures: Tune saw no exception at all.
+        assert not (tune_trial_dir(sweep_dir, t["trial_id"]) / "error.txt").exists()
+
+
+@pytest.mark.slow
+def test_a_trial_that_reports_nothing_is_stopped_as_error_by_the_hang_watchdog(failing_runs):
+    run = failing_runs["hung"]  # its trial sleeps 900 s before its first report
+    proc = run.result()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-4000:]
+    assert "done with errors: 1 of 1 trials ended in error" in proc.stdout, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+    assert time.monotonic() - run.started < 600, "the sweep waited for the stuck trial instead of stopping it"
+    sweep_dir = run.results_root / "hung"
+    [trial] = rows(sweep_dir / TRIALS_FILE)
+    assert trial["status"] == "error" and trial["evaluations"] == 0, trial
+    assert trial["reason"].startswith("no progress for 0.1 min since the trial started"), trial["reason"]
+    line = next(li for li in proc.stdout.splitlines() if li.strip().startswith(trial["trial_id"]))
+    assert "no progress for 0.1 min" in line
+    assert not (tune_trial_dir(sweep_dir, trial["trial_id"]) / "error.txt").exists()  # not retried as a crash

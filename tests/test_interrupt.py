@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pyarrow.parquet as pq
@@ -45,11 +46,22 @@ resources: {cpu: 1}
 @pytest.fixture
 def ray_tmpdir():
     """A private, short Ray temp dir; afterwards no process that uses it may be left."""
-    path = Path(tempfile.mkdtemp(prefix="gi-", dir="/tmp"))
+    path = new_ray_tmpdir()
     yield path
+    leftovers = end_ray_tmpdir(path)
+    assert not leftovers, f"Ray processes outlived their sweep (killed now): {leftovers}"
+
+
+def new_ray_tmpdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="gi-", dir="/tmp"))
+
+
+def end_ray_tmpdir(path: Path) -> list[str]:
+    """Wait for the Ray processes that use `path` to end, kill those left after 90 s (named in the list
+    returned), and delete the directory."""
     leftovers = wait_for_ray_processes_to_end(path, timeout=90)
     shutil.rmtree(path, ignore_errors=True)
-    assert not leftovers, f"Ray processes outlived their sweep (killed now): {leftovers}"
+    return leftovers
 
 
 def ray_processes(tmpdir: Path) -> list[psutil.Process]:
@@ -158,8 +170,21 @@ def shift_checkpoints(sweep_dir: Path, trial_ids: list[str]) -> dict[str, str]:
     return newest
 
 
+@pytest.fixture(scope="module")
+def side_runs(tmp_path_factory):
+    """The module's short scenarios (SIGTERM then SIGINT; addresses nobody answers), started at once in the
+    background when the long SIGINT-and-resume test below starts: their Ray start-ups and waits overlap its own.
+    Each test of them waits for its scenario's outcome and checks it."""
+    with ThreadPoolExecutor(2) as pool:
+        yield SimpleNamespace(
+            sigterm=pool.submit(sigterm_scenario, tmp_path_factory.mktemp("sigterm")),
+            addresses=pool.submit(address_scenario, tmp_path_factory.mktemp("addresses"),
+                                  tmp_path_factory.getbasetemp() / "gan-cache"),
+        )
+
+
 @pytest.mark.slow
-def test_sigint_stops_the_smoke_sweep_and_resume_finishes_it(tmp_path, ray_tmpdir):
+def test_sigint_stops_the_smoke_sweep_and_resume_finishes_it(tmp_path, ray_tmpdir, side_runs):
     results = tmp_path / "results"
     sweep_dir = results / "smoke"
     env = env_for(ray_tmpdir, tmp_path / "cache")
@@ -206,44 +231,54 @@ def test_sigint_stops_the_smoke_sweep_and_resume_finishes_it(tmp_path, ray_tmpdi
     assert {(e["trial_id"], round(e["kimg"], 6)) for e in evaluations} <= set(keys)  # nothing written earlier lost
 
 
-@pytest.mark.slow
-def test_sigterm_ends_a_sweep_with_143_and_a_second_signal_ends_it_at_once(tmp_path, ray_tmpdir):
-    # A stale address file and RAY_ADDRESS both name a closed port: without --address the sweep still
-    # starts its own local Ray (it could not report an evaluation otherwise).
-    port = closed_loopback_port()
-    (ray_tmpdir / "ray").mkdir()
-    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
-    env = env_for(ray_tmpdir, tmp_path / "cache", RAY_ADDRESS=f"127.0.0.1:{port}")
-    sweep_file = tmp_path / "tiny.yaml"
-    sweep_file.write_text(TINY)
-    results = tmp_path / "results"
-    log = tmp_path / "sweep.log"
-    proc = start(["sweep", str(sweep_file), "--results", str(results)], env, log)
+def sigterm_scenario(tmp_path: Path) -> SimpleNamespace:
+    """TINY with a stale address file and RAY_ADDRESS that name a closed port: without --address the sweep still
+    starts its own local Ray (it could not report an evaluation otherwise). After its first evaluation, SIGTERM
+    and, half a second later, SIGINT."""
+    ray_tmpdir = new_ray_tmpdir()
     try:
-        wait_for_evaluations(proc, results / "tiny", log)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)  # impatient: do not wait for Tune's graceful stop
-        started = time.monotonic()
-        returncode = finish(proc, timeout=120)
-        seconds = time.monotonic() - started
+        port = closed_loopback_port()
+        (ray_tmpdir / "ray").mkdir()
+        (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+        env = env_for(ray_tmpdir, tmp_path / "cache", RAY_ADDRESS=f"127.0.0.1:{port}")
+        sweep_file = tmp_path / "tiny.yaml"
+        sweep_file.write_text(TINY)
+        results = tmp_path / "results"
+        log = tmp_path / "sweep.log"
+        proc = start(["sweep", str(sweep_file), "--results", str(results)], env, log)
+        try:
+            wait_for_evaluations(proc, results / "tiny", log)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)  # impatient: do not wait for Tune's graceful stop
+            started = time.monotonic()
+            returncode = finish(proc, timeout=120)
+            seconds = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = log.read_text()
-    assert returncode == 143, output[-4000:]
-    assert seconds < 60, f"{seconds:.0f} s from the second signal to the exit"
-    trials, _ = tables(results / "tiny")
-    assert_interrupted(output, 2, trials, f"orchestrator sweep {sweep_file} --resume --results {results}")
+        leftovers = end_ray_tmpdir(ray_tmpdir)
+    return SimpleNamespace(returncode=returncode, seconds=seconds, output=log.read_text(), sweep_file=sweep_file,
+                           results=results, leftovers=leftovers)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_sweep_with_143_and_a_second_signal_ends_it_at_once(side_runs):
+    run = side_runs.sigterm.result(timeout=900)  # sigterm_scenario
+    output = run.output
+    assert run.returncode == 143, output[-4000:]
+    assert run.seconds < 60, f"{run.seconds:.0f} s from the second signal to the exit"
+    trials, _ = tables(run.results / "tiny")
+    assert_interrupted(output, 2, trials, f"orchestrator sweep {run.sweep_file} --resume --results {run.results}")
+    assert not run.leftovers, f"Ray processes outlived their sweep (killed now): {run.leftovers}"
 
 
 # --- Ray addresses that cannot be joined -----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def address_runs(tmp_path_factory):
+def address_scenario(root: Path, cache: Path):
     """`--address` cases, run at once; each must fail in one line without starting a sweep."""
-    root = tmp_path_factory.mktemp("addresses")
     sweep_file = root / "tiny.yaml"
     sweep_file.write_text(TINY)
     port = closed_loopback_port()
@@ -254,7 +289,7 @@ def address_runs(tmp_path_factory):
     cases = {"auto": "auto", "stale": "auto", "closed": f"127.0.0.1:{port}"}
 
     def run(name: str):
-        env = env_for(tmpdirs[name], tmp_path_factory.getbasetemp() / "gan-cache")
+        env = env_for(tmpdirs[name], cache)
         proc = subprocess.run(
             [
                 sys.executable,
@@ -275,11 +310,13 @@ def address_runs(tmp_path_factory):
         )
         return proc
 
-    with ThreadPoolExecutor(3) as pool:
-        runs = dict(zip(cases, pool.map(run, cases), strict=False))
-    yield root, port, stale_file, runs
-    for path in tmpdirs.values():
-        shutil.rmtree(path, ignore_errors=True)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            runs = dict(zip(cases, pool.map(run, cases), strict=False))
+    finally:
+        for path in tmpdirs.values():
+            shutil.rmtree(path, ignore_errors=True)
+    return root, port, stale_file, runs
 
 
 @pytest.mark.slow  # three drivers importing torch and Ray at once: about a minute on 2 busy cores
@@ -291,8 +328,8 @@ def address_runs(tmp_path_factory):
         ("closed", ["at 127.0.0.1:{port}", "nothing answers at 127.0.0.1:{port}"]),
     ],
 )
-def test_an_address_nobody_answers_fails_in_one_line(case, expected, address_runs):
-    root, port, stale_file, runs = address_runs
+def test_an_address_nobody_answers_fails_in_one_line(case, expected, side_runs):
+    root, port, stale_file, runs = side_runs.addresses.result(timeout=900)  # address_scenario
     proc = runs[case]
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

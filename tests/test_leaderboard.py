@@ -6,8 +6,6 @@ sweep cannot choose: n = 1, 2, 3, unequal groups, unpaired seeds, mixed extracto
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,6 @@ from orchestrator.analysis.leaderboard import LeaderboardError, build_board, mea
 from orchestrator.store.tables import ResultsWriter
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "orchestrator.cli"]
 
 
 def write_sweep(tmp_path: Path, trials: list[dict], evaluations: list[dict] = (), every_kimg: float = 20) -> Path:
@@ -212,25 +209,10 @@ def test_markdown_and_latex_tables_say_what_the_fid_is(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["table", "json", "csv", "markdown", "latex"])
-def test_every_format_runs_from_the_command_line(tmp_path, fmt):
+def test_every_format_runs_from_the_command_line(tmp_path, fmt, orchestrator_cli):
     write_sweep(tmp_path, [trial("a", 0, 30.0), trial("a", 1, 31.0), trial("b", 0, 20.0), trial("b", 1, 22.0)])
-    proc = subprocess.run(
-        [
-            *CLI,
-            "leaderboard",
-            "--results",
-            str(tmp_path / "results"),
-            "--group-by",
-            "variant",
-            "--baseline",
-            "variant=a",
-            "--format",
-            fmt,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    proc = orchestrator_cli("leaderboard", "--results", tmp_path / "results", "--group-by", "variant",
+                            "--baseline", "variant=a", "--format", fmt, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "b" in proc.stdout and "30.50" in proc.stdout or fmt in ("json", "csv")
     if fmt == "json":
@@ -238,19 +220,14 @@ def test_every_format_runs_from_the_command_line(tmp_path, fmt):
         assert [r["variant"] for r in rows] == ["b", "a"] and rows[0]["test"] == "paired t"
 
 
-def test_bad_leaderboard_flags_exit_2_with_one_line(tmp_path):
+def test_bad_leaderboard_flags_exit_2_with_one_line(tmp_path, orchestrator_cli):
     write_sweep(tmp_path, [trial("a", 0, 30.0)])
     for flags, needle in (
         (["--baseline", "variant=a"], "--baseline needs --group-by"),
         (["--at-kimg", "-1"], "must be a number > 0"),
         (["--group-by", "nope"], "unknown column"),
     ):
-        proc = subprocess.run(
-            [*CLI, "leaderboard", "--results", str(tmp_path / "results"), *flags],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
+        proc = orchestrator_cli("leaderboard", "--results", tmp_path / "results", *flags, cwd=REPO)
         assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
             proc.stderr
         )
@@ -348,15 +325,11 @@ def test_exports_hold_no_nan_or_infinity(tmp_path):
     assert next(t for t in stored if t["trial_id"] == "a-1")["best_fid"] is None  # NaN is stored as null
 
 
-def test_failures_flag_is_checked(tmp_path):
+def test_failures_flag_is_checked(tmp_path, orchestrator_cli):
     sweep_dir = write_sweep(tmp_path, [trial("a", 0, 20.0)])
     with pytest.raises(LeaderboardError, match="--failures sometimes"):
         build_board(sweep_dir, group_by=["variant"], failures="sometimes")
-    proc = subprocess.run(
-        [*CLI, "leaderboard", "--results", str(tmp_path / "results"), "--failures", "sometimes"],
-        capture_output=True,
-        text=True,
-    )
+    proc = orchestrator_cli("leaderboard", "--results", tmp_path / "results", "--failures", "sometimes")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 

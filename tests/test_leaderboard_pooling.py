@@ -3,7 +3,6 @@ parameter (dcgan has no heads) is compared with every value of it."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from orchestrator.analysis.leaderboard import LeaderboardError, build_board
 from orchestrator.store.tables import ResultsWriter
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "orchestrator.cli"]
+CLI = [sys.executable, "-m", "orchestrator.cli"]  # tests/test_leaderboard_save.py: a process of its own
 PARAMS = ["g_widths", "heads", "seed", "variant"]
 SWEEP_YAML = ("name: s\ntrain: {kimg: 4}\n"
               "eval: {every_kimg: 1, fid_samples: 256, final_fid_samples: 512, extractor: tiny-conv}\n")
@@ -95,19 +94,18 @@ def test_pool_averages_over_configurations_and_marks_the_row(tmp_path):
     assert any("--pool" in w for w in board.warnings)
 
 
-def test_when_every_group_pools_the_refusal_is_one_line_naming_the_parameters(tmp_path):
+def test_when_every_group_pools_the_refusal_is_one_line_naming_the_parameters(tmp_path, orchestrator_cli):
     sweep_dir = heads_sweep(tmp_path)
     with pytest.raises(LeaderboardError) as err:
         build_board(sweep_dir, group_by=["g_widths"])  # one width: the single group holds every configuration
     message = str(err.value)
     assert "heads, variant" in message and "--group-by g_widths,heads,variant" in message and "--pool" in message
     assert build_board(sweep_dir, group_by=["g_widths"], pool=True).rows[0]["n_configs"] == 4
-    proc = subprocess.run([*CLI, "leaderboard", "--results", str(tmp_path / "results"), "--group-by", "g_widths"],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = orchestrator_cli("leaderboard", "--results", tmp_path / "results", "--group-by", "g_widths", cwd=REPO)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "--group-by g_widths,heads,variant" in proc.stderr
-    proc = subprocess.run([*CLI, "leaderboard", "--results", str(tmp_path / "results"), "--group-by", "g_widths",
-                           "--pool", "--format", "json"], cwd=REPO, capture_output=True, text=True)
+    proc = orchestrator_cli("leaderboard", "--results", tmp_path / "results", "--group-by", "g_widths",
+                            "--pool", "--format", "json", cwd=REPO)
     assert proc.returncode == 0 and json.loads(proc.stdout)[0]["pooled_over"] == "heads, variant"
     assert "warning: --pool: 1 group(s) average over several configurations" in proc.stderr
 
@@ -171,7 +169,7 @@ def test_a_row_without_a_comparison_says_why(tmp_path):
 # ---- ranks only for numbers -------------------------------------------------------------------------------
 
 
-def test_only_groups_with_a_finite_key_on_two_trials_are_ranked_and_they_come_first(tmp_path):
+def test_only_groups_with_a_finite_key_on_two_trials_are_ranked_and_they_come_first(tmp_path, orchestrator_cli):
     sweep_dir = write(tmp_path, [
         t("two", 0, 30.0), t("two", 1, 32.0),
         t("one", 0, 10.0),  # best number, on one trial
@@ -184,6 +182,6 @@ def test_only_groups_with_a_finite_key_on_two_trials_are_ranked_and_they_come_fi
     reasons = {r["variant"]: r["unranked_reason"] for r in rows}
     assert "rests on 1 trial" in reasons["one"] and "diverged on 1 of 2" in reasons["lost"]
     assert reasons["culled"] == "no measured or diverged trial"
-    proc = subprocess.run([*CLI, "leaderboard", "--results", str(tmp_path / "results"), "--group-by", "variant",
-                           "--format", "json"], cwd=REPO, capture_output=True, text=True)
+    proc = orchestrator_cli("leaderboard", "--results", tmp_path / "results", "--group-by", "variant",
+                            "--format", "json", cwd=REPO)
     assert [r["rank"] for r in json.loads(proc.stdout)] == [1, None, None, None]

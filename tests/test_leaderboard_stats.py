@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
-from test_leaderboard_pooling import CLI, REPO, t, write
+from test_leaderboard_pooling import REPO, t, write
 
 from orchestrator.analysis.comparisons import Baseline
 from orchestrator.analysis.groups import BOOTSTRAP_RESAMPLES, group_trials, mean_interval
@@ -49,17 +49,17 @@ def test_bootstrap_interval_of_a_group_mean(tmp_path):
     assert (mean - half, mean + half) == pytest.approx(expected)
 
 
-def test_bootstrap_from_the_command_line_warns_below_the_minimum(tmp_path):
+def test_bootstrap_from_the_command_line_warns_below_the_minimum(tmp_path, orchestrator_cli):
     write(tmp_path, [t("a", s, 30.0 + s) for s in range(3)] + [t("b", s, 20.0 + s * 1.5) for s in range(3)])
-    base = [*CLI, "leaderboard", "--results", str(tmp_path / "results"), "--group-by", "variant", "--ci", "bootstrap"]
-    proc = subprocess.run([*base, "--format", "json"], cwd=REPO, capture_output=True, text=True)
+    base = ["leaderboard", "--results", tmp_path / "results", "--group-by", "variant", "--ci", "bootstrap"]
+    proc = orchestrator_cli(*base, "--format", "json", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert all(r["final_fid_ci95_low"] < r["final_fid_ci95_high"] for r in rows)
     assert "warning: bootstrap intervals from 3 values" in proc.stderr
-    proc = subprocess.run([*base, "--format", "markdown"], cwd=REPO, capture_output=True, text=True)
+    proc = orchestrator_cli(*base, "--format", "markdown", cwd=REPO)
     assert "bootstrap 95% CI" in proc.stdout and "†" in proc.stdout and "fewer than 10 values" in proc.stdout
-    proc = subprocess.run([*base[:-1], "wide"], cwd=REPO, capture_output=True, text=True)
+    proc = orchestrator_cli(*base[:-1], "wide", cwd=REPO)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 

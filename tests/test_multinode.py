@@ -124,6 +124,24 @@ class LocalCluster:
         """The node's machine vanishes: its raylet, object store and trial processes die at once."""
         kill_tree(self.nodes.pop(name))
 
+    def remove(self, name: str) -> None:
+        """Stop a node as `ray stop` does (SIGTERM: its raylet leaves the cluster at once, while a lost node stays
+        listed as alive until the head's health checks give up on it); SIGKILL what is left after 30 s."""
+        proc = self.nodes.pop(name)
+        tree = process_tree(proc.pid)
+        for p in reversed(tree):  # the node's daemons, then `ray start --block` itself
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
+        for p in tree:
+            try:
+                p.kill()  # psutil checks that the pid is still the same process
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait()
+
     def shutdown(self) -> None:
         for proc in self.nodes.values():
             kill_tree(proc)
@@ -166,17 +184,27 @@ class LocalCluster:
             time.sleep(0.2)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """A head with no CPUs and two 1-CPU workers; always torn down, also when the test fails."""
-    logs = tmp_path / "ray-logs"
-    logs.mkdir()
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory):
+    """A head with no CPUs and two 1-CPU workers, started once for the tests of this module that use `cluster`;
+    always torn down, also when a test fails."""
+    logs = tmp_path_factory.mktemp("ray-logs")
     local = LocalCluster(logs)
     try:
         local.start(WORKERS)
         yield local
     finally:
         local.shutdown()
+
+
+@pytest.fixture
+def cluster(shared_cluster):
+    """`shared_cluster` with both workers running: a worker an earlier test lost is started again (the test of
+    an unshared results folder adds a third worker for itself, and removes it)."""
+    for name in WORKERS:
+        if name not in shared_cluster.nodes or shared_cluster.nodes[name].poll() is not None:
+            shared_cluster.add_worker(name)
+    return shared_cluster
 
 
 def write_sweep(path: Path, name: str, *, seeds: list[int], kimg: float, every_kimg: float) -> Path:
@@ -327,36 +355,38 @@ def can_make_private_mounts() -> bool:
         return False
 
 
-def test_results_folder_a_node_does_not_share_stops_the_sweep_before_any_trial(tmp_path):
+def test_results_folder_a_node_does_not_share_stops_the_sweep_before_any_trial(shared_cluster, tmp_path):
     """One worker sees its own empty folder where the others see the shared results (as a node without
-    the EFS mount would): the sweep must stop before any trial, naming the folder and the fix."""
+    the EFS mount would): the sweep must stop before any trial, naming the folder and the fix.
+    The module's cluster with one more worker, the one that does not share: its workers that do (both, or the
+    one an earlier test did not lose) must not be named."""
     if not can_make_private_mounts():
         if os.environ.get("CI"):
             pytest.fail("CI runs as root and must be able to give a test node its own mount namespace (unshare -m)")
         pytest.skip("needs root (or CAP_SYS_ADMIN) for `unshare --mount`, to give one node a private folder")
     results = tmp_path / "shared-results"
-    logs = tmp_path / "ray-logs"
-    logs.mkdir()
-    local = LocalCluster(logs)
+    sharing = [shared_cluster.node_id(name)[:12] for name in WORKERS if name in shared_cluster.nodes]
+    assert sharing
     try:
-        local.start(WORKERS, private={"worker_b": results})
+        shared_cluster.add_worker("worker_private", private=results)
+        private = shared_cluster.node_id("worker_private")[:12]
         sweep_file = write_sweep(tmp_path / "unshared.yaml", "unshared", seeds=[0, 1], kimg=1, every_kimg=0.5)
         cwd = tmp_path / "cwd"
         cwd.mkdir()
-        proc, log = start_sweep(local, sweep_file, results, cwd)
+        proc, log = start_sweep(shared_cluster, sweep_file, results, cwd)
         try:
             proc.wait(timeout=SWEEP_TIMEOUT_S)
         finally:
             kill_tree(proc)
-        worker_a, worker_b = (local.node_id(name)[:12] for name in WORKERS)
     finally:
-        local.shutdown()
+        if "worker_private" in shared_cluster.nodes:
+            shared_cluster.remove("worker_private")
     output = log_tail(log)
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2, output
     assert len(errors) == 1 and "Traceback" not in output, output
     assert errors[0].startswith(f"error: {results / 'unshared'}: not shared with node "), errors
-    assert f"({worker_b})" in errors[0] and worker_a not in errors[0], errors
+    assert f"({private})" in errors[0] and not [node for node in sharing if node in errors[0]], errors
     assert "--results on a file system every node mounts" in errors[0]
     assert not (results / "unshared" / "trials.parquet").exists()
     assert not (results / "unshared" / "trials").exists(), "a trial ran"

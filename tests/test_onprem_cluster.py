@@ -296,7 +296,10 @@ def test_ray_up_of_the_onprem_config_with_token_auth_then_a_sweep_then_ray_down(
         # its client's retries), then the clients with the token, one at a time (the Ray Client server starts
         # a server process per client, which a loaded 2-core machine may not start in time: one retry).
         gcs, ray_client = f"127.0.0.1:{ports.gcs}", f"ray://127.0.0.1:{ports.client}"
-        stranger = {**clean, "HOME": str(nobody_home)}
+        # A stranger retries 5 times, 2 s apart at most, not for Ray's default 20 s (GCS: RAY_NUM_REDIS_GET_RETRIES
+        # one a second) and 30 s (Ray Client: backing off from 5 s): refused just the same, sooner.
+        stranger = {**clean, "HOME": str(nobody_home), "RAY_NUM_REDIS_GET_RETRIES": "5",
+                    "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "2", "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "2"}
         with_token = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(local_token)}
 
         def start_client(target: str, client_env: dict[str, str]) -> subprocess.Popen:

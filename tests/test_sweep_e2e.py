@@ -1,5 +1,6 @@
 """End to end on CPU: the README's main job (sweeps/smoke.yaml) through Ray Tune."""
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,54 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "orchestrator.cli"]
 
 
+class BackgroundSweep:
+    """`orchestrator sweep` of a sweep file's text in a process of its own, started now; `trials()` waits for it."""
+
+    def __init__(self, folder: Path, name: str, text: str):
+        self.folder, self.name = folder, name
+        self.results = folder / "r"
+        (folder / f"{name}.yaml").write_text(text)
+        self.log = folder / f"{name}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([*CLI, "sweep", str(folder / f"{name}.yaml"), "--results", str(self.results)],
+                                         cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+    def trials(self) -> list[dict]:
+        """Wait for the sweep to end, check that it succeeded, and return its trials table."""
+        try:
+            self.proc.wait(timeout=900)
+        finally:
+            self.stop()
+        assert self.proc.returncode == 0, self.log.read_text()[-3000:]
+        return pq.read_table(self.results / self.name / "trials.parquet").to_pylist()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # a graceful end of its local Ray
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def side_sweeps(tmp_path_factory):
+    """The small sweeps of this module's other end-to-end tests, started at once and in the background: they
+    run while the smoke sweep (one trial at a time, so one core) runs, instead of after it."""
+    sweeps = {name: BackgroundSweep(tmp_path_factory.mktemp(name), name, text)
+              for name, text in (("pairs", FIFO_SEEDS_SWEEP), ("opt", OPTUNA_SWEEP))}
+    yield sweeps
+    for sweep in sweeps.values():
+        sweep.stop()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, side_sweeps):
     """The README's main job, sweeps/smoke.yaml, with one change: `max_concurrent: 1`, so Tune creates each seed
     only when the one before has ended, the hardest case for per-configuration ASHA. One run serves every test
-    here; tests/test_interrupt.py runs the shipped file as it is (interrupted, then resumed to `done:`)."""
+    here; tests/test_interrupt.py runs the shipped file as it is (interrupted, then resumed to `done:`).
+    (`side_sweeps`: the module's other sweeps run meanwhile.)"""
     folder = tmp_path_factory.mktemp("smoke")
     text = (REPO / "sweeps" / "smoke.yaml").read_text()
     assert "max_concurrent: null" in text
@@ -117,24 +161,11 @@ def test_config_asha_with_max_concurrent_1_decides_on_every_seed(smoke):
     assert {t["device_used"] for t in trials} == {"cpu"}  # gpu: 0 means the CPU, and it is recorded
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True)
-
-
-def run_sweep_text(tmp_path: Path, name: str, text: str) -> list[dict]:
-    """Write a sweep file, run it to the end into tmp_path/r, and return its trials table."""
-    (tmp_path / f"{name}.yaml").write_text(text)
-    proc = subprocess.run([*CLI, "sweep", str(tmp_path / f"{name}.yaml"), "--results", str(tmp_path / "r")],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return pq.read_table(tmp_path / "r" / name / "trials.parquet").to_pylist()
-
-
 @pytest.mark.slow
-def test_leaderboard_ranks_final_fids_of_completed_trials_only(smoke):
+def test_leaderboard_ranks_final_fids_of_completed_trials_only(smoke, orchestrator_cli):
     results, _ = smoke
     trials = {t["trial_id"]: t for t in pq.read_table(results / "smoke" / "trials.parquet").to_pylist()}
-    proc = run_cli("leaderboard", "--results", str(results), "--format", "json")
+    proc = orchestrator_cli("leaderboard", "--results", results, "--format", "json", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     completed = sorted((t for t in trials.values() if t["status"] == "completed"), key=lambda t: t["final_fid"])
@@ -142,7 +173,7 @@ def test_leaderboard_ranks_final_fids_of_completed_trials_only(smoke):
     assert {r["trial_id"] for r in rows if r["rank"] is None} == set(trials) - {t["trial_id"] for t in completed}
     assert all(r["fid_samples"] == 512 and r["fid_kimg"] == 4.0 for r in rows if r["rank"] is not None)
 
-    proc = run_cli("leaderboard", "--results", str(results), "--group-by", "variant", "--format", "json")
+    proc = orchestrator_cli("leaderboard", "--results", results, "--group-by", "variant", "--format", "json", cwd=REPO)
     groups = {g["variant"]: g for g in json.loads(proc.stdout)}
     assert set(groups) == {"dcgan", "use-cmhsa-gan", "wgan"}  # culled variants still appear
     for variant, group in groups.items():
@@ -157,12 +188,13 @@ def test_leaderboard_ranks_final_fids_of_completed_trials_only(smoke):
 
 
 @pytest.mark.slow
-def test_readme_headline_commands_and_at_kimg_on_the_smoke_sweep(smoke):
+def test_readme_headline_commands_and_at_kimg_on_the_smoke_sweep(smoke, orchestrator_cli):
     results, _ = smoke
-    proc = run_cli("leaderboard", "--results", str(results), "--group-by", "variant")  # the README's command
+    # The README's command:
+    proc = orchestrator_cli("leaderboard", "--results", results, "--group-by", "variant", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "final FID at 4 kimg, 512 generated images" in proc.stdout and "use-cmhsa-gan" in proc.stdout
-    proc = run_cli("leaderboard", "--results", str(results), "--at-kimg", "1", "--format", "json")
+    proc = orchestrator_cli("leaderboard", "--results", results, "--at-kimg", "1", "--format", "json", cwd=REPO)
     rows = json.loads(proc.stdout)
     assert all(r["rank"] is not None and r["fid_samples"] == 256 and 1.0 <= r["kimg"] < 1.5 for r in rows)
     assert len(rows) == 6  # every trial reached the first rung
@@ -182,17 +214,18 @@ scheduler: {type: fifo}
 
 
 @pytest.mark.slow
-def test_baseline_difference_is_scipys_paired_t_test_over_the_seeds(tmp_path):
+def test_baseline_difference_is_scipys_paired_t_test_over_the_seeds(side_sweeps, orchestrator_cli):
     from scipy import stats
 
-    trials = run_sweep_text(tmp_path, "pairs", FIFO_SEEDS_SWEEP)
+    trials = side_sweeps["pairs"].trials()
+    results = side_sweeps["pairs"].results
     assert sorted(t["seed"] for t in trials) == [0, 0, 1, 1, 2, 2]
     assert all(t["status"] == "completed" for t in trials)
     final = {(t["variant"], t["seed"]): t["final_fid"] for t in trials}
     dcgan = [final["dcgan", s] for s in range(3)]
     use = [final["use-gan", s] for s in range(3)]
-    proc = run_cli("leaderboard", "--results", str(tmp_path / "r"), "--group-by", "variant",
-                   "--baseline", "variant=dcgan", "--format", "json")
+    proc = orchestrator_cli("leaderboard", "--results", results, "--group-by", "variant",
+                            "--baseline", "variant=dcgan", "--format", "json", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     groups = {g["variant"]: g for g in json.loads(proc.stdout)}
     expected = stats.ttest_rel(use, dcgan)
@@ -205,8 +238,8 @@ def test_baseline_difference_is_scipys_paired_t_test_over_the_seeds(tmp_path):
     assert (mean - half, mean + half) == pytest.approx(
         stats.t.interval(0.95, 2, loc=sum(dcgan) / 3, scale=stats.sem(dcgan)))
     for fmt in ("markdown", "latex", "csv"):
-        proc = run_cli("leaderboard", "--results", str(tmp_path / "r"), "--group-by", "variant",
-                       "--baseline", "variant=dcgan", "--format", fmt)
+        proc = orchestrator_cli("leaderboard", "--results", results, "--group-by", "variant",
+                                "--baseline", "variant=dcgan", "--format", fmt, cwd=REPO)
         assert proc.returncode == 0 and "use-gan" in proc.stdout, proc.stderr
 
 
@@ -227,17 +260,15 @@ def test_dry_run_prints_trials_and_never_imports_ray():
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_sweeps_dry_run(path):
-    proc = subprocess.run([*CLI, "sweep", str(path), "--dry-run", "--data", str(REPO)], cwd=REPO,
-                          capture_output=True, text=True)
+def test_shipped_sweeps_dry_run(path, orchestrator_cli):
+    proc = orchestrator_cli("sweep", path, "--dry-run", "--data", REPO, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.slow
-def test_report_of_the_smoke_sweep_opens_in_a_browser(smoke, tmp_path):
+def test_report_of_the_smoke_sweep_opens_in_a_browser(smoke, tmp_path, orchestrator_cli):
     results, _ = smoke
-    proc = subprocess.run([*CLI, "report", "--results", str(results), "--out", str(tmp_path / "r.html")],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = orchestrator_cli("report", "--results", results, "--out", tmp_path / "r.html", cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     dom, page_errors = open_in_chromium(tmp_path / "r.html", tmp_path / "profile")
     completed = sum(t["status"] == "completed" for t in pq.read_table(results / "smoke" / "trials.parquet").to_pylist())
@@ -277,8 +308,8 @@ def test_sweep_pickles_for_optunas_searcher_state():
 
 
 @pytest.mark.slow
-def test_optuna_sweep_with_asha_runs_and_records_its_proposals(tmp_path):
-    trials = run_sweep_text(tmp_path, "opt", OPTUNA_SWEEP)
+def test_optuna_sweep_with_asha_runs_and_records_its_proposals(side_sweeps):
+    trials = side_sweeps["opt"].trials()
     assert len(trials) == 3
     for t in trials:
         assert t["status"] in ("completed", "stopped_early")
