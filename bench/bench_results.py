@@ -4,11 +4,13 @@ appended to part files, the scheduler's changes to a journal).
 
     python bench/bench_results.py            # 100 .. 100,000 rows, then a 200-trial Tune run on local Ray
     python bench/bench_results.py --quick    # the callback path only, up to 10,000 rows (under 2 minutes)
+    python bench/bench_results.py --tune-only    # the Tune run only
 
 For each size N, the tables are pre-filled in bulk with N evaluations (16 per trial) and N/16 trials, and the
 scheduler with those trials; then at least 200 results of a stub trial go through the results callback and
 ConfigASHA, each timed. The Tune run times every method of our callback that Tune calls on the driver inside a
-real run of short trials with a mock trainable and reports their share of the driver's wall time. Work that
+real run of short trials with a mock trainable and reports their share of the driver's wall time, in all and
+per method. Work that
 the results path hands to its sync thread (fsyncs, merges of part files) is not on the driver's thread: it is
 reported beside, as `sync_thread_*` (wall and CPU time). The load average is printed before and after. The
 last line is `per-evaluation ms: 100=<a> 1000=<b> 10000=<c>` (the new path's median).
@@ -199,13 +201,16 @@ def bench_tune(sweep, n_trials: int) -> dict:
     from ray import tune
 
     spent = {"s": 0.0}
+    by_method: dict[str, float] = {}  # seconds in each callback method
 
     def timed(name: str):
         def method(self, *args, **kwargs):
             start = time.perf_counter()
             out = getattr(ResultsCallback, name)(self, *args, **kwargs)
-            spent["s"] += time.perf_counter() - start
+            took = time.perf_counter() - start
+            spent["s"] += took
             spent[name] = spent.get(name, 0) + 1
+            by_method[name] = by_method.get(name, 0.0) + took
             return out
         return method
 
@@ -248,6 +253,7 @@ def bench_tune(sweep, n_trials: int) -> dict:
             "results_per_s": round(results / wall, 2),
             "callback_ms_per_result": round(1000 * spent["s"] / results, 3),
             "callback_share_of_wall": f"{100 * spent['s'] / wall:.2f}%",
+            "callback_ms_per_result_by_method": {k: round(1000 * v / results, 3) for k, v in by_method.items()},
             "sync_thread_ms_per_result": round(1000 * sync_thread.s / results, 3),
             "sync_thread_cpu_ms_per_result": round(1000 * sync_thread.cpu_s / results, 3),
             "sync_thread_share_of_wall": f"{100 * sync_thread.s / wall:.2f}%"}
@@ -258,9 +264,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="callback path only, up to 10,000 rows")
     parser.add_argument("--calls", type=int, default=200, help="timed results per size (at least 200)")
     parser.add_argument("--tune-trials", type=int, default=200, help="trials of the Tune run")
+    parser.add_argument("--tune-only", action="store_true", help="only the Tune run")
     args = parser.parse_args()
     sweep = load_sweep(REPO / "sweeps" / "smoke.yaml")
     print(json.dumps({"load_average_at_start": os.getloadavg()}), flush=True)
+    if args.tune_only:
+        print(json.dumps(bench_tune(sweep, args.tune_trials)), flush=True)
+        print(json.dumps({"load_average_at_end": os.getloadavg()}), flush=True)
+        return
     sizes = [100, 1000, 10000] if args.quick else [100, 1000, 10000, 100000]
     rows = []
     for n in sizes:

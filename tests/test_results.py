@@ -9,12 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.store import parts as parts_module
-from orchestrator.store.parts import MERGE_FANOUT, PARTS_DIR, part_files
+from orchestrator.store.part_rows import ROWS_MAGIC
+from orchestrator.store.parts import MERGE_FANOUT, PARTS_DIR, part_files, read_parts
 from orchestrator.store.provenance import PROVENANCE_FILE, changes, read_provenance, record_provenance
 from orchestrator.store.reader import ResultsError, load_evaluations, load_trials
 from orchestrator.store.tables import (
     EVALUATIONS_FILE,
     FORMAT_FILE,
+    FORMAT_VERSION,
     TRIALS_FILE,
     ResultsWriter,
     compact,
@@ -77,7 +79,7 @@ def test_rows_go_to_part_files_and_readers_see_parts_and_compacted_rows_as_one_t
     writer.add_evaluation(evaluation("t0", 2.0, 40.0))
     writer.close()  # compacted
     assert (tmp_path / EVALUATIONS_FILE).exists() and not (tmp_path / PARTS_DIR).exists()
-    assert (tmp_path / FORMAT_FILE).read_text().strip() == "2"
+    assert (tmp_path / FORMAT_FILE).read_text().strip() == str(FORMAT_VERSION)
 
     writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)  # --resume: a new session on top
     writer.add_evaluation(evaluation("t0", 2.0, 38.0))  # re-reported after a restart: replaces the row
@@ -116,7 +118,7 @@ def test_compaction_is_idempotent_and_survives_a_crash_before_parts_are_deleted(
 
 
 def test_parts_merge_into_levels_so_their_number_stays_small(tmp_path):
-    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1, part_rows=1)
     n = MERGE_FANOUT * MERGE_FANOUT + 3
     for k in range(n):
         writer.add_evaluation(evaluation(f"t{k % 7}", float(k), float(k)))
@@ -128,33 +130,67 @@ def test_parts_merge_into_levels_so_their_number_stays_small(tmp_path):
 
 
 def test_a_failing_write_is_kept_retried_and_reported_once(tmp_path, monkeypatch, capsys):
+    """The disk fills up in the middle of a flush's line: readers never see the cut line, the part it was
+    appended to is never appended to again, and the rows are written at the next flush."""
     writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
     writer.update_trial("t1", seed=0, status="running")
-    replace = parts_module.os.replace
+    write_all = parts_module._write_all
     failures = {"left": 2}
 
-    def disk_full(src, dst):
+    def disk_full(fd, data):
         if failures["left"]:
             failures["left"] -= 1
-            raise OSError(28, "No space left on device")  # the part was written, never renamed into place
-        replace(src, dst)
+            write_all(fd, bytes(data)[:len(data) // 2])  # half the line made it to the file
+            raise OSError(28, "No space left on device")
+        write_all(fd, data)
 
-    monkeypatch.setattr(parts_module.os, "replace", disk_full)
+    monkeypatch.setattr(parts_module, "_write_all", disk_full)
     writer.update_trial("t1", status="completed")  # fails: kept
-    writer.add_evaluation(evaluation("t1", 1.0, 20.0))  # fails again: still one warning
-    assert read_rows(tmp_path, "trials")[0]["status"] == "running"  # the failed part never appeared
+    writer.add_evaluation(evaluation("t1", 1.0, 20.0))  # fails again (a new part's header and line): one warning
+    assert read_rows(tmp_path, "trials")[0]["status"] == "running"  # the cut line is not read
+    assert read_rows(tmp_path, "evaluations") == []
     writer.flush()  # the disk has room again
     assert read_rows(tmp_path, "trials")[0]["status"] == "completed"
     assert [r["fid"] for r in read_rows(tmp_path, "evaluations")] == [20.0]
     err = capsys.readouterr().err
     assert err.count("cannot write") == 1 and err.count("written again") == 1
-    assert not [p for p in (tmp_path / PARTS_DIR).iterdir() if p.suffix == ".tmp"]  # no temp file left
+    assert len(part_files(tmp_path, "trials")) == 2  # the cut part was closed; the retry opened another
+    writer.close()
+    assert [r["status"] for r in read_rows(tmp_path, "trials")] == ["completed"]
+    assert not (tmp_path / PARTS_DIR).exists()
+
+
+def test_a_flush_appends_a_line_to_the_open_part_until_it_holds_part_rows(tmp_path):
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1, part_rows=3)
+    for k in range(4):
+        writer.add_evaluation(evaluation("t0", float(k), 50.0 - k))
+    first, second = part_files(tmp_path, "evaluations")
+    assert first.read_bytes().count(b"\n") == 2 + 3 and second.read_bytes().count(b"\n") == 2 + 1  # header: 2
+    assert [r["kimg"] for r in read_rows(tmp_path, "evaluations")] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_line_cut_short_by_a_killed_writer_is_left_out_and_the_next_session_writes_a_part_of_its_own(tmp_path):
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    for k in range(3):
+        writer.add_evaluation(evaluation("t0", float(k), 50.0 - k))
+    [part] = part_files(tmp_path, "evaluations")
+    with open(part, "ab") as f:  # the machine went down in the middle of the next line
+        f.write(b'[{"sweep":"s","trial_id":"t0","kimg":3.0,"fi')
+    before = part.read_bytes()
+    assert [r["kimg"] for r in read_rows(tmp_path, "evaluations")] == [0.0, 1.0, 2.0]
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)  # --resume
+    writer.add_evaluation(evaluation("t0", 3.0, 47.0))
+    assert part.read_bytes() == before and len(part_files(tmp_path, "evaluations")) == 2
+    assert [r["fid"] for r in read_rows(tmp_path, "evaluations")] == [50.0, 49.0, 48.0, 47.0]
+    writer.close()
+    assert [r["fid"] for r in read_rows(tmp_path, "evaluations")] == [50.0, 49.0, 48.0, 47.0]
 
 
 def test_a_newer_results_format_is_refused_in_one_line(tmp_path):
     ResultsWriter(tmp_path, "s", ["seed"]).close()
-    (tmp_path / FORMAT_FILE).write_text("3\n")
-    with pytest.raises(ResultsError, match="format 3; this version of gan-sweeps reads format 2"):
+    (tmp_path / FORMAT_FILE).write_text(f"{FORMAT_VERSION + 1}\n")
+    with pytest.raises(ResultsError, match=f"format {FORMAT_VERSION + 1}; this version of gan-sweeps reads format "
+                                           f"{FORMAT_VERSION} and older"):
         load_evaluations(tmp_path)
 
 
@@ -228,21 +264,23 @@ def test_results_command_exports_a_running_sweeps_tables(tmp_path):
 
 
 def test_parts_are_fsynced_together_at_most_every_second(tmp_path, monkeypatch):
-    """Group commit: a part is renamed into place at once, and fsynced with the others at the next sync."""
+    """Group commit: a flush's line is in the part at once, and the parts written to are fsynced at the next
+    sync (a part appended to several times, once)."""
     now = {"t": 0.0}
     health = parts_module.WriteHealth(clock=lambda: now["t"])
     synced = []
     monkeypatch.setattr(parts_module, "fsync_file", lambda path: synced.append(path.name))
-    log = parts_module.PartLog(tmp_path, "trials", lambda rows: pa.table({"trial_id": [r["trial_id"] for r in rows],
-                                                                          "_seq": [r["_seq"] for r in rows]}),
-                               0, flush_rows=1, health=health)
+    codec = parts_module.RowCodec(pa.schema([("trial_id", pa.string()), ("_seq", pa.int64())]))
+    log = parts_module.PartLog(tmp_path, "trials", codec, 0, flush_rows=1, part_rows=2, health=health)
     log.append({"trial_id": "a"})
     log.append({"trial_id": "b"})
-    assert len(part_files(tmp_path, "trials")) == 2 and synced == []  # visible, not yet fsynced
-    now["t"] = parts_module.SYNC_EVERY_S
     log.append({"trial_id": "c"})
-    health.wait_synced()  # the batch went to the sync thread
-    assert sorted(synced) == sorted(p.name for p in part_files(tmp_path, "trials"))
+    assert len(part_files(tmp_path, "trials")) == 2 and synced == []  # visible, not yet fsynced
+    assert parts_module.read_parts(part_files(tmp_path, "trials")).column("trial_id").to_pylist() == ["a", "b", "c"]
+    now["t"] = parts_module.SYNC_EVERY_S
+    log.append({"trial_id": "d"})
+    health.wait_synced()  # the batch went to the sync thread, each part once
+    assert synced == [p.name for p in part_files(tmp_path, "trials")]
 
 
 def test_a_part_holds_the_values_to_table_makes(tmp_path):
@@ -269,6 +307,37 @@ def test_a_part_holds_the_values_to_table_makes(tmp_path):
         _PartTable(EVALUATION_COLUMNS, params)([{"trial_id": "t0", "heads": 2.5}])
 
 
+def test_a_flushed_part_reads_back_as_the_arrow_rows_it_was_built_from(tmp_path):
+    """A flushed part holds JSON rows: read back, they are the record batch the rows build, type for type
+    (timestamps, nulls, non-finite numbers made null, labels, the checked cast), beside merged Arrow parts."""
+    from datetime import datetime, timezone
+
+    import numpy as np
+
+    from orchestrator.store.tables import EVALUATION_COLUMNS, TRIAL_COLUMNS, _PartTable, parameter_types
+
+    params = parameter_types(PARAMS)
+    when = datetime(2026, 12, 3, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    rows = [
+        {"sweep": "s", "trial_id": "t0", "amp": 1, "beta1": 1, "g_widths": 64, "heads": 4.0, "lr_d": 1e-4, "seed": True,
+         "variant": "dcgan", "kimg": 0.1 + 0.2, "fid": float("inf"), "is_mean": np.float32(2.5), "extractor": "tiny",
+         "fid_samples": np.int64(64), "final": False, "time": when, "best_fid": 3, "status": "running",
+         "started": when, "_seq": 7, "unknown": object(), "reason": "quote \" and \u00e9 and \n"},
+        {"sweep": "s", "trial_id": "t1", "_seq": 8, "_deleted": True},
+    ]
+    for n, fixed in enumerate((EVALUATION_COLUMNS, TRIAL_COLUMNS)):
+        table = _PartTable(fixed, params)
+        codec = table.codec()
+        path = tmp_path / f"t{n}.0.000000000007.part"
+        path.write_bytes(codec.header + codec.encode(codec.fit(rows)))
+        assert path.read_bytes().startswith(ROWS_MAGIC)
+        expected = pa.Table.from_batches([table(rows)])
+        assert read_parts([path]).equals(expected)
+        ipc = tmp_path / f"t{n}.1.000000000007.part"  # a merged part: Arrow IPC, read beside a JSON one
+        parts_module.write_atomic(expected, ipc, arrow=True)
+        assert read_parts([path, ipc]).equals(pa.concat_tables([expected, expected]))
+
+
 def test_updates_between_flushes_write_one_row_per_key(tmp_path):
     writer = ResultsWriter(tmp_path, "s", ["seed"])
     writer.update_trial("t0", seed=0, status="pending")
@@ -278,19 +347,18 @@ def test_updates_between_flushes_write_one_row_per_key(tmp_path):
     writer.update_trial("t0", kimg=1.0, best_fid=45.0)
     writer.flush()
     [trials], [evals] = part_files(tmp_path, "trials"), part_files(tmp_path, "evaluations")
-    assert pa.ipc.open_file(str(trials)).read_all().num_rows == 1
-    assert pa.ipc.open_file(str(evals)).read_all().num_rows == 1
+    assert read_parts([trials]).num_rows == 1 and read_parts([evals]).num_rows == 1
     [row] = read_rows(tmp_path, "trials")
     assert (row["seed"], row["status"], row["kimg"], row["best_fid"]) == (0, "running", 1.0, 45.0)
     assert [r["fid"] for r in read_rows(tmp_path, "evaluations")] == [45.0]
 
 
 def test_merges_include_the_parts_a_killed_session_left(tmp_path):
-    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1, part_rows=1)
     for k in range(5):
         writer.add_evaluation(evaluation("t0", float(k), 50.0 - k))
     # The driver is killed: no compaction. The next session merges those parts with its own.
-    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1)
+    writer = ResultsWriter(tmp_path, "s", ["seed"], flush_rows=1, part_rows=1)
     for k in range(5, 5 + MERGE_FANOUT):
         writer.add_evaluation(evaluation("t1", float(k), 50.0 - k))
     writer.sync()

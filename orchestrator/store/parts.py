@@ -1,9 +1,17 @@
 """Append-only part files: how a running sweep writes its tables at a constant cost per row.
 
-While a sweep runs, rows go to small Arrow IPC files in `<sweep>/.parts/` named
-`<table>.<level>.<first seq>.part` (a suffix other than `.parquet`, so tools that glob `*.parquet` see only the
-compacted tables; Arrow IPC because writing one is several times cheaper than writing Parquet). Each part is
-written to a temporary file, fsynced and renamed, so a crash leaves whole parts or none.
+While a sweep runs, rows go to small files in `<sweep>/.parts/` named `<table>.<level>.<first seq>.part` (a
+suffix other than `.parquet`, so tools that glob `*.parquet` see only the compacted tables).
+
+A flushed part (level 0) is a header naming the rows' Arrow schema, then one line of JSON rows per flush
+(`RowCodec`): a flush appends one line to the part it has open, in one write, and a part is closed after
+`part_rows` rows. Flushes happen in the callback that Ray Tune runs before each of its experiment checkpoints,
+on the thread Tune's event loop runs on, and appending a line to an open file costs a small fraction of creating
+and renaming a file, let alone of building an Arrow one. A line is whole once its write returns (a killed
+driver loses none of it); a line cut short (the machine lost power, the disk filled up) is the part's last, as
+nothing is appended to a part after a failed write, and readers stop before it. Merged parts (level 1 and up,
+written on the sync thread) are Arrow IPC files, each written to a temporary file and renamed, so a crash
+leaves whole ones or none. Every part is fsynced soon after it is written (`WriteHealth`).
 
 Every row carries `_seq`, a number that grows across parts and sessions: when rows share a key (an evaluation
 re-reported after a restart, a trial's later update), the one with the highest `_seq` wins, whatever the order
@@ -33,6 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from orchestrator.store.part_rows import RowCodec, decode_rows, is_rows_part
+
 PARTS_DIR = ".parts"
 SEQ, DELETED = "_seq", "_deleted"  # bookkeeping columns of part files only, never of the compacted tables
 MERGE_FANOUT = 16
@@ -61,10 +71,15 @@ def fsync_file(path: Path) -> None:
 _IPC_OPTIONS = pa.ipc.IpcWriteOptions()  # given, so pyarrow does not read its environment variables per part
 
 
+def _write_all(fd: int, data: bytes | pa.Buffer) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _write_temp(table: pa.Table | pa.RecordBatch, path: str) -> str:
     """`table` as an Arrow IPC file beside `path`, under a temporary name (not yet renamed into place).
-    Serialised in memory, then one write: a part holds a few rows, and Arrow's file sink costs more per part
-    than the rows do."""
+    Serialised in memory, then one write: Arrow's file sink costs more per part than a few rows do."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema, options=_IPC_OPTIONS) as writer:
         writer.write(table)
@@ -76,25 +91,13 @@ def _write_temp(table: pa.Table | pa.RecordBatch, path: str) -> str:
         os.makedirs(folder, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        data = memoryview(sink.getvalue())
-        while data:
-            data = data[os.write(fd, data):]
+        _write_all(fd, sink.getvalue())
     except BaseException:
         os.unlink(tmp)
         raise
     finally:
         os.close(fd)
     return tmp
-
-
-def _write_part(table: pa.Table | pa.RecordBatch, path: str) -> None:
-    """A part renamed into place at once, fsynced later (WriteHealth)."""
-    tmp = _write_temp(table, path)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_atomic(table: pa.Table, path: Path, *, arrow: bool = False, sync: bool = True) -> None:
@@ -137,10 +140,17 @@ def _read(paths: Iterable[Path | str]) -> tuple[pa.Table | None, bool]:
     tables, whole = [], True
     for path in paths:
         try:
-            with pa.memory_map(str(path)) as source:
-                tables.append(pa.ipc.open_file(source).read_all())
+            with open(path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:  # merged or compacted by the writer while we listed
             whole = False
+            continue
+        if is_rows_part(data):
+            table = decode_rows(data)
+            if table is not None:
+                tables.append(table)
+        else:
+            tables.append(pa.ipc.open_file(pa.py_buffer(data)).read_all())
     return (pa.concat_tables(tables, promote_options="permissive") if tables else None), whole
 
 
@@ -189,11 +199,12 @@ def _fsync_all(paths: list[str | Path]) -> None:
         fsync_dir(folder)
 
 
-def _merge(path: str, sources: list[str], cache: dict[str, pa.Table | pa.RecordBatch]) -> None:
-    """Parts merged into one: written, fsynced, renamed into place, and only then its sources deleted, so a crash
-    finds either them or it. Runs on the sync thread, after the merges that wrote its sources: those held in
-    `cache` are not read back from disk."""
+def _merge(path: str, sources: list[str], cache: dict[str, list[dict] | pa.RecordBatch], codec: RowCodec) -> None:
+    """Parts merged into one Arrow IPC part: written, fsynced, renamed into place, and only then its sources
+    deleted, so a crash finds either them or it. Runs on the sync thread, after the merges that wrote its sources:
+    those held in `cache` (the rows of a flushed part, or a merged part) are not read back from disk."""
     cached = [cache.pop(p, None) for p in sources]
+    cached = [codec.build(t) if isinstance(t, list) else t for t in cached]
     on_disk = read_parts(p for p, t in zip(sources, cached, strict=True) if t is None)
     if on_disk is None and all(isinstance(t, pa.RecordBatch) for t in cached):
         merged = pa.concat_batches(cached)  # built by one writer: one schema, and one batch per merged part
@@ -265,12 +276,12 @@ class WriteHealth:
         self._check(wait=False)
         if self.unsynced and self.clock() - self.last_sync >= SYNC_EVERY_S:
             self.last_sync = self.clock()
-            self.jobs.append(fsync_later(self.unsynced))
+            self.jobs.append(fsync_later(dict.fromkeys(self.unsynced)))  # an open part: appended to many times
             self.unsynced = []
 
-    def merge(self, path: str, sources: list[str], cache: dict) -> None:
+    def merge(self, path: str, sources: list[str], cache: dict, codec: RowCodec) -> None:
         """Merge `sources` into the part `path` on the sync thread (`_merge`)."""
-        self.jobs.append(on_sync_thread(_merge, path, list(sources), cache))
+        self.jobs.append(on_sync_thread(_merge, path, list(sources), cache, codec))
 
     def wait_synced(self) -> None:
         """Wait for this writer's jobs on the sync thread."""
@@ -280,7 +291,7 @@ class WriteHealth:
         """fsync every part written since the last sync, then their folder, before returning."""
         self.wait_synced()
         self.last_sync = self.clock()
-        paths, self.unsynced = self.unsynced, []
+        paths, self.unsynced = list(dict.fromkeys(self.unsynced)), []
         _fsync_all(paths)
 
     def _check(self, *, wait: bool) -> None:
@@ -298,36 +309,40 @@ class WriteHealth:
 
 
 class PartLog:
-    """Buffered, append-only rows of one table: flushed as a part every `flush_rows` rows or `flush_seconds`,
-    and whenever `flush()` is called (Ray Tune's experiment checkpoints call it through the results callback).
+    """Buffered, append-only rows of one table: flushed every `flush_rows` rows or `flush_seconds`, and whenever
+    `flush()` is called (Ray Tune's experiment checkpoints call it through the results callback). A flush appends
+    one line to the open part; a part is closed after `part_rows` rows, and closed parts are merged.
 
     With `key`, a row replaces a buffered row of the same key (a trial's later update, an evaluation
     re-reported): readers keep only the latest row of a key, so the earlier one need not be written."""
 
-    def __init__(self, sweep_dir: Path, table: str, to_table: Callable[[list[dict]], pa.Table | pa.RecordBatch],
-                 next_seq: int, *, flush_rows: int = 256, flush_seconds: float = 5.0,
-                 clock: Callable[[], float] | None = None, health: WriteHealth | None = None,
-                 key: Callable[[dict], Any] | None = None):
+    def __init__(self, sweep_dir: Path, table: str, codec: RowCodec, next_seq: int, *, flush_rows: int = 256,
+                 flush_seconds: float = 5.0, part_rows: int = 256, clock: Callable[[], float] | None = None,
+                 health: WriteHealth | None = None, key: Callable[[dict], Any] | None = None):
         import time
 
         self.dir = sweep_dir / PARTS_DIR
-        self.table, self.to_table = table, to_table
+        self.table, self.codec = table, codec
         self.next_seq = next_seq
-        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self.flush_rows, self.flush_seconds, self.part_rows = flush_rows, flush_seconds, part_rows
         self.clock = clock or time.monotonic
         self.key = key
         self.buffer: dict[Any, dict] = {}  # in _seq order
         self.last_flush = self.clock()
         self.health = health or WriteHealth()
         self.health.logs.append(self)
+        self.open_path: str | None = None  # the level-0 part flushes append to, its descriptor and rows
+        self.open_fd = -1
+        self.open_rows: list[dict] = []
         self.reset_parts()
 
     def reset_parts(self) -> None:
         """Which parts exist, by level (read at the start and after a compaction, then kept in memory, so a
         flush lists no folder). Paths as strings: pathlib costs more than the rest of a flush."""
+        self._let_go()  # after a compaction: the open part is gone with the others
         self.folder = str(self.dir)
         self.levels: dict[int, list[str]] = {}
-        self.cached: dict[str, pa.Table | pa.RecordBatch] = {}
+        self.cached: dict[str, list[dict] | pa.RecordBatch] = {}  # rows of a closed level-0 part, or a merged part
         for path in part_files(self.dir.parent, self.table):
             self.levels.setdefault(_level(path), []).append(str(path))
 
@@ -341,31 +356,73 @@ class PartLog:
             self.flush()
 
     def flush(self) -> None:
-        """Write the buffered rows as one part. A failing write (a full disk, a lost mount) keeps the rows for
-        the next flush and is reported once, on stderr: the sweep goes on."""
+        """Append the buffered rows to the open part, as one line in one write (a new part, header and line in
+        one write, when none is open). A failing write (a full disk, a lost mount) keeps the rows for the next
+        flush, closes the part (never appended to again, so a line it cut short stays its last) and is reported
+        once, on stderr: the sweep goes on."""
         self.last_flush = self.clock()
         if not self.buffer:
             return
         rows = list(self.buffer.values())
         try:
-            path = f"{self.folder}/{self.table}.0.{rows[0][SEQ]:012d}.part"
-            table = self.to_table(rows)
-            _write_part(table, path)
-            self.health.wrote(path)
-            self.levels.setdefault(0, []).append(path)
-            if table.num_rows <= CACHED_ROWS:
-                self.cached[path] = table
-            self._merge_full_levels()
+            fitted = self.codec.fit(rows)
+            line = self.codec.encode(fitted)
+            if self.open_path is None:
+                self._open_part(rows[0][SEQ], line)
+            else:
+                _write_all(self.open_fd, line)
+            self.health.wrote(self.open_path)
         except OSError as exc:
+            self.close_part()
             if not self.health.failing:
                 print(f"warning: {self.dir}: cannot write the results ({exc.strerror or exc}); rows are kept in "
                       "memory and retried at the next flush", file=sys.stderr)
             self.health.failing = True
             return
         self.buffer = {}
+        self.open_rows.extend(fitted)
+        if len(self.open_rows) >= self.part_rows:
+            self.close_part()
         if self.health.failing and not self.health.pending():
             print(f"warning: {self.dir}: the results are written again", file=sys.stderr)
             self.health.failing = False
+
+    def _open_part(self, first_seq: int, line: bytes) -> None:
+        """A new part named after its first row, holding the header and `line`. A name already taken (by a part
+        whose first write failed: no line of it is read) moves on to the next number."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+        while True:
+            path = f"{self.folder}/{self.table}.0.{first_seq:012d}.part"
+            try:
+                fd = os.open(path, flags, 0o644)
+                break
+            except FileExistsError:
+                first_seq += 1
+            except FileNotFoundError:  # the folder itself is gone (compacted away): made again
+                os.makedirs(self.folder, exist_ok=True)
+        self.open_path, self.open_fd, self.open_rows = path, fd, []
+        _write_all(fd, self.codec.header + line)
+
+    def _let_go(self) -> tuple[str | None, list[dict]]:
+        """Stop appending to the open part: its path and rows (None when no part was open)."""
+        path, rows = self.open_path, self.open_rows
+        if path is not None:
+            try:
+                os.close(self.open_fd)
+            except OSError:
+                pass
+        self.open_path, self.open_fd, self.open_rows = None, -1, []
+        return path, rows
+
+    def close_part(self) -> None:
+        """Close the open part (if any): it joins level 0, with its rows kept for its merge."""
+        path, rows = self._let_go()
+        if path is None:
+            return
+        self.levels.setdefault(0, []).append(path)
+        if len(rows) <= CACHED_ROWS:
+            self.cached[path] = rows
+        self._merge_full_levels()
 
     def _merge_full_levels(self) -> None:
         """Hand each level holding `MERGE_FANOUT` parts to the sync thread as one part of the next level; the
@@ -375,7 +432,7 @@ class PartLog:
             same = sorted(self.levels[level])  # zero-padded sequence numbers: sorted by name is by _seq
             first = int(_PART.match(os.path.basename(same[0]))["seq"])
             path = f"{self.folder}/{self.table}.{level + 1}.{first:012d}.part"
-            self.health.merge(path, same, self.cached)
+            self.health.merge(path, same, self.cached, self.codec)
             self.levels[level] = []
             self.levels.setdefault(level + 1, []).append(path)
             level += 1

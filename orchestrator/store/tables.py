@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.store.failures import finite
+from orchestrator.store.part_rows import RowCodec
 from orchestrator.store.parts import (
     DELETED,
     PARTS_DIR,
@@ -165,9 +166,10 @@ def to_table(rows: list[dict[str, Any]], fixed: dict[str, pa.DataType], params: 
     return pa.table(columns)
 
 
-# Layout of a sweep directory's results: 1 = compacted tables only; 2 = compacted tables plus part files.
+# Layout of a sweep directory's results: 1 = compacted tables only; 2 = compacted tables plus Arrow IPC part
+# files; 3 = flushed parts hold JSON rows (parts.RowCodec), merged parts Arrow IPC. Each version reads the older.
 FORMAT_FILE = ".results-format"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 KEYS = {"evaluations": ["trial_id", "kimg"], "trials": ["trial_id"]}
 FILES = {"evaluations": EVALUATIONS_FILE, "trials": TRIALS_FILE}
 READ_ATTEMPTS = 10
@@ -259,7 +261,15 @@ class _PartTable:
             return value
         return pa.array([value]).cast(self.checked[name])[0].as_py()
 
+    def codec(self) -> RowCodec:
+        """How the parts of this table hold their rows (orchestrator.store.parts.RowCodec)."""
+        return RowCodec(pa.schema(list(self.type)), fit=self.fit)
+
     def __call__(self, rows: list[dict[str, Any]]) -> pa.RecordBatch:
+        return pa.RecordBatch.from_struct_array(pa.array(self.fit(rows), type=self.type))
+
+    def fit(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows' values as the columns hold them."""
         ready = []
         for row in rows:
             row = dict(row)
@@ -277,7 +287,7 @@ class _PartTable:
                     row[name] = self._fit(name, value)
             row[DELETED] = bool(row.get(DELETED))
             ready.append(row)
-        return pa.RecordBatch.from_struct_array(pa.array(ready, type=self.type))
+        return ready
 
 
 class ResultsWriter:
@@ -290,7 +300,7 @@ class ResultsWriter:
     """
 
     def __init__(self, sweep_dir: Path, sweep_name: str, params: Iterable[str] | Mapping[str, pa.DataType], *,
-                 flush_rows: int = 256, flush_seconds: float = 5.0):
+                 flush_rows: int = 256, flush_seconds: float = 5.0, part_rows: int = 256):
         self.dir = sweep_dir
         self.sweep = sweep_name
         # Parameter names (typed from the sweep schema), or name -> Arrow type.
@@ -305,18 +315,20 @@ class ResultsWriter:
             self._index(row)
         start = {name: max_seq(read_parts(part_files(sweep_dir, name))) + 1 for name in FILES}
         self._health = WriteHealth()
-        options = {"flush_rows": flush_rows, "flush_seconds": flush_seconds, "health": self._health}
+        options = {"flush_rows": flush_rows, "flush_seconds": flush_seconds, "part_rows": part_rows,
+                   "health": self._health}
         columns = {"evaluations": EVALUATION_COLUMNS, "trials": TRIAL_COLUMNS}
         keys = {"evaluations": lambda row: (row["trial_id"], round(row["kimg"], 6)),
                 "trials": lambda row: row["trial_id"]}
         self._logs = {
-            name: PartLog(sweep_dir, name, _PartTable(columns[name], self.params), start[name], key=keys[name],
+            name: PartLog(sweep_dir, name, _PartTable(columns[name], self.params).codec(), start[name], key=keys[name],
                           **options)
             for name in FILES
         }
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        if not (sweep_dir / FORMAT_FILE).exists():
-            (sweep_dir / FORMAT_FILE).write_text(f"{FORMAT_VERSION}\n")
+        marker = sweep_dir / FORMAT_FILE
+        if not marker.exists() or marker.read_text().strip() != str(FORMAT_VERSION):  # an older layout resumed
+            marker.write_text(f"{FORMAT_VERSION}\n")
 
     def _index(self, row: dict[str, Any]) -> None:
         trial, kimg = row["trial_id"], round(row["kimg"], 6)
@@ -379,6 +391,8 @@ class ResultsWriter:
 
     def close(self) -> None:
         self.flush()
+        for log in self._logs.values():
+            log.close_part()
         self.sync()
         compact(self.dir)
         for log in self._logs.values():
