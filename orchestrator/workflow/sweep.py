@@ -6,9 +6,7 @@ A second signal ends the driver at once.
 """
 from __future__ import annotations
 
-import json
 import signal
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,18 +21,12 @@ from orchestrator.run.storage import normalise as storage_uri
 from orchestrator.run.storage import record as record_storage
 from orchestrator.run.storage import resolve as storage_for_run
 from orchestrator.run.tracking import check_trackers
-from orchestrator.store.failures import (  # every status not in ENDED is unfinished
-    DIVERGED,
-    ENDED,
-    ERROR,
-)
+from orchestrator.store.failures import DIVERGED, ERROR
 from orchestrator.store.provenance import record_provenance
 from orchestrator.store.sweep_dir import SweepDir, delete_checkpoints
-from orchestrator.store.tables import EVAL_KEYS, ResultsWriter, compact, parameter_columns, parameter_row
+from orchestrator.store.tables import compact, parameter_columns
+from orchestrator.store.unfinished import forget_placeholders, open_writer, record_unfinished, repair_tables
 from orchestrator.sweepfile.sections import Sweep
-
-# trial_id of a row that stands for a grid trial Tune had not created when the sweep was interrupted.
-PLACEHOLDER_PREFIX = "pending-"
 
 
 class SweepErrors(Exception):
@@ -61,10 +53,6 @@ class SweepInterrupted(Exception):
         self.signum, self.unfinished, self.total, self.resumable = signum, unfinished, total, resumable
 
 
-def total_trials(sweep: Sweep) -> int:
-    return sweep.trial_count()
-
-
 def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool, console: Console,
               storage: str | None = None, on_claimed: Callable[[Path], None] | None = None) -> Path:
     """Run the sweep to its end and print `done:`; raise SweepInterrupted if any trial is unfinished, and
@@ -81,7 +69,7 @@ def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool,
             sweep_dir = SweepDir.claim(sweep, results, resume=resume)
         except KeyboardInterrupt:
             raise SweepInterrupted(
-                stop.signum or signal.SIGINT, total_trials(sweep), total_trials(sweep), resume
+                stop.signum or signal.SIGINT, sweep.trial_count(), sweep.trial_count(), resume
             ) from None
         try:
             if on_claimed is not None:
@@ -118,7 +106,7 @@ def _run(
 
     if resume:
         check_resume_settings(sweep, sweep_dir)
-        repair_tables(sweep, sweep_dir)  # parts a killed driver left, and evaluations only stats.jsonl holds
+        repair_tables(sweep, sweep_dir.path)  # parts a killed driver left, and evaluations only stats.jsonl holds
     storage = storage_for_run(storage, sweep_dir.tune_path, resume)
     for line in record_provenance(sweep, sweep_dir.path, dataset, resume=resume):
         console.print(f"[yellow]warning:[/] {line}")
@@ -144,7 +132,7 @@ def _run(
         if storage is not None and not resume:
             record_storage(storage, sweep_dir.tune_path)
         if resume:
-            forget_placeholders(sweep, sweep_dir)  # Tune adds those trials under their real ids
+            forget_placeholders(sweep, sweep_dir.path)  # Tune adds those trials under their real ids
         live = LiveView(f"sweep {sweep.name}", [c for c in parameter_columns(sweep) if c != "g_widths"] + ["g_widths"])
         tuner = build_tuner(sweep, sweep_dir, dataset, resume=resume, live=live, storage=storage, shared=shared)
         tuner.fit()
@@ -156,11 +144,11 @@ def _run(
         compact(sweep_dir.path)  # on every exit the driver survives: the documented tables, whole
     console.print()  # the live table's last line has no newline; the closing line starts its own
     resumable = sweep_dir.tune_path.exists()
-    writer = _writer(sweep, sweep_dir)
+    writer = open_writer(sweep, sweep_dir.path)
     if resumable:
         unfinished, total = record_unfinished(sweep, writer)
     else:
-        unfinished = total = total_trials(sweep)
+        unfinished = total = sweep.trial_count()
     if not unfinished:  # the sweep has ended: keep_checkpoints decides which checkpoints stay
         for trial_id in delete_checkpoints(list(writer.trials.values()), sweep.keep_checkpoints):
             writer.update_trial(trial_id, checkpoint_path=None)
@@ -195,75 +183,3 @@ def _run(
             soft_wrap=True,  # one line per trial, however long its reason
         )
     raise SweepErrors(len(errored), total)
-
-
-def _writer(sweep: Sweep, sweep_dir: SweepDir) -> ResultsWriter:
-    return ResultsWriter(sweep_dir.path, sweep.name, parameter_columns(sweep))
-
-
-def record_unfinished(sweep: Sweep, writer: ResultsWriter) -> tuple[int, int]:
-    """After Tune returned: trials it left running become `interrupted`, and every grid/random trial
-    without a row gets a `pending` placeholder row (Optuna trials never proposed do not exist).
-    Returns (unfinished trials, trials of the sweep)."""
-    for trial_id, row in list(writer.trials.items()):
-        if row.get("status") == "running":
-            writer.update_trial(trial_id, status="interrupted")
-    if sweep.method != "optuna":
-        columns = parameter_columns(sweep)
-        listed = Counter(tuple(row.get(c) for c in columns) for row in writer.trials.values())
-        for index, params in enumerate(sweep.trials()):
-            row = parameter_row(sweep, params)
-            key = tuple(row[c] for c in columns)
-            if listed[key] > 0:  # a multiset: repeats of one configuration have equal parameter columns
-                listed[key] -= 1
-                continue
-            writer.update_trial(
-                f"{PLACEHOLDER_PREFIX}{index:04d}",
-                **row,
-                status="pending",
-                kimg=0.0,
-                evaluations=0,
-                kimg_budget=float(sweep.train.kimg),
-            )
-    ended = sum(row.get("status") in ENDED for row in writer.trials.values())
-    total = total_trials(sweep)
-    return max(total - ended, 0), total
-
-
-def forget_placeholders(sweep: Sweep, sweep_dir: SweepDir) -> None:
-    writer = _writer(sweep, sweep_dir)
-    writer.drop_trials([t for t in writer.trials if t.startswith(PLACEHOLDER_PREFIX)])
-    writer.close()
-
-
-def repair_tables(sweep: Sweep, sweep_dir: SweepDir) -> None:
-    """Before --resume: compact what a killed driver left in part files, and add the evaluations that a trial
-    wrote to its `stats.jsonl` but the driver never recorded (it died between the two)."""
-    writer = _writer(sweep, sweep_dir)
-    for trial_id, row in list(writer.trials.items()):
-        stats = Path(row.get("run_dir") or sweep_dir.path / "trials" / trial_id) / "stats.jsonl"
-        for evaluation in read_stats(stats):
-            if round(float(evaluation["kimg"]), 6) not in writer.recorded_kimgs(trial_id):
-                params = {c: row.get(c) for c in parameter_columns(sweep)}
-                writer.add_evaluation({"trial_id": trial_id, **params,
-                                       **{k: evaluation.get(k) for k in EVAL_KEYS if k in evaluation},
-                                       "data_source": row.get("data_source"), "node": row.get("node"),
-                                       "device_used": row.get("device_used")})
-    writer.close()
-
-
-def read_stats(path: Path) -> list[dict]:
-    """A trial's stats.jsonl (one evaluation a line); a torn last line of a killed trial is skipped."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "kimg" in record:
-            out.append(record)
-    return out
