@@ -60,7 +60,7 @@ def stub_trial(i: int) -> SimpleNamespace:
 
 def prefill(sweep_dir: Path, sweep, n_rows: int) -> None:
     """N evaluations and N/16 trials written in bulk, as a compacted sweep directory holds them."""
-    params = parameter_types(parameter_columns(sweep))
+    params = parameter_types(parameter_columns(sweep.swept_names()))
     n_trials = max(1, n_rows // EVALS_PER_TRIAL)
     trials, evals = [], []
     for i in range(n_trials):
@@ -93,7 +93,7 @@ class LegacyWriter:
         import pyarrow.parquet as pq
 
         self.dir, self.sweep, self.scheduler = sweep_dir, sweep, scheduler
-        self.params = parameter_types(parameter_columns(sweep))
+        self.params = parameter_types(parameter_columns(sweep.swept_names()))
         self.evaluations = {(r["trial_id"], round(r["kimg"], 6)): r
                             for r in pq.read_table(sweep_dir / EVALUATIONS_FILE).to_pylist()}
         self.trials = {r["trial_id"]: r for r in pq.read_table(sweep_dir / TRIALS_FILE).to_pylist()}

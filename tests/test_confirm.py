@@ -109,7 +109,7 @@ def test_configurations_run_each_listed_configuration_on_every_seed(tmp_path):
     trials = sweep.trials()
     assert trials == [{"variant": "dcgan", "seed": s} for s in (0, 1, 2)] + [
         {"variant": "cmhsa-gan", "heads": 4, "seed": s} for s in (0, 1, 2)]
-    assert parameter_columns(sweep) == ["g_widths", "heads", "seed", "variant"]
+    assert parameter_columns(sweep.swept_names()) == ["g_widths", "heads", "seed", "variant"]
     assert sweep.trial_config(trials[-1]).model.heads == 4
 
 
@@ -151,7 +151,7 @@ def write_first_stage(tmp_path: Path, sweep, outcomes: dict[str, list[tuple]]) -
     sweep_dir.mkdir(parents=True)
     (sweep_dir / "fingerprint").write_text(sweep.fingerprint() + "\n")
     (sweep_dir / "sweep.yaml").write_text(sweep.source_text)
-    writer = ResultsWriter(sweep_dir, sweep.name, parameter_columns(sweep))
+    writer = ResultsWriter(sweep_dir, sweep.name, parameter_columns(sweep.swept_names()))
     for variant, seeds in outcomes.items():
         for seed, (status, final, curve) in enumerate(seeds):
             tid = f"{variant}-{seed}"
@@ -391,7 +391,7 @@ def test_resume_continues_whichever_stage_was_interrupted(tmp_path, monkeypatch)
     (sweep_dir / "tune").mkdir()
 
     def finish():  # what the resumed first stage does: its interrupted trial completes
-        writer = ResultsWriter(sweep_dir, "ex", parameter_columns(sweep))
+        writer = ResultsWriter(sweep_dir, "ex", parameter_columns(sweep.swept_names()))
         writer.update_trial("dcgan-1", status="completed", final_fid=32.0)
         writer.close()
 

@@ -24,6 +24,7 @@ from orchestrator.run.tune_config import trial_params
 from orchestrator.store.failures import DIVERGED_SENTINEL, RETRY_KEY
 from orchestrator.sweepfile.errors import SweepError
 from orchestrator.sweepfile.loading import load_sweep
+from orchestrator.sweepfile.plan import plan_sweep
 
 State = optuna.trial.TrialState
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -42,6 +43,11 @@ parameters:
   seed: {{values: {seeds}}}
 scheduler: {{type: asha, grace_period: 0.25, reduction_factor: 2}}
 """
+
+
+def seeded_search(sweep):
+    """The searcher `orchestrator sweep` builds for an Optuna sweep that sweeps seed."""
+    return optuna_with_seeds(sweep, sweep.seed_values())
 
 
 def sweep_of(tmp_path: Path, n: int = 3, seeds=(0, 1, 2), extra: str = ""):
@@ -78,7 +84,7 @@ def finish(search: Searcher, tid: str, fid: float, **extra) -> None:
 def test_every_proposal_runs_on_every_seed_then_finished(tmp_path):
     sweep = sweep_of(tmp_path, n=3)
     assert sweep.trial_count() == 9
-    search = optuna_with_seeds(sweep)
+    search = seeded_search(sweep)
     trials = hand_out(search, 9)
     assert search.suggest("t9") == Searcher.FINISHED
     groups = [trials[i:i + 3] for i in range(0, 9, 3)]
@@ -109,7 +115,7 @@ def test_the_space_never_offers_seed_to_optuna(tmp_path):
 
 
 def test_optuna_is_told_the_seed_mean_once_per_configuration(tmp_path):
-    search = optuna_with_seeds(sweep_of(tmp_path, n=4))
+    search = seeded_search(sweep_of(tmp_path, n=4))
     trials = [tid for tid, _ in hand_out(search, 12)]
     a, b, c, d = (trials[i:i + 3] for i in range(0, 12, 3))
     # a: three real values; the last report counts, a retry is not a measurement
@@ -146,7 +152,7 @@ def test_optuna_is_told_the_seed_mean_once_per_configuration(tmp_path):
 
 def test_a_pending_seed_stopped_with_its_culled_configuration_is_left_out(tmp_path):
     """ConfigASHA stops a culled configuration's pending seeds: Tune completes them without a result."""
-    search = optuna_with_seeds(sweep_of(tmp_path, n=1))
+    search = seeded_search(sweep_of(tmp_path, n=1))
     (t0, _), (t1, _), (t2, _) = hand_out(search, 3)
     search.on_trial_complete(t0, {"kimg": 0.25, "fid": 50.0})
     search.on_trial_complete(t1, {"kimg": 0.25, "fid": 70.0})
@@ -155,7 +161,7 @@ def test_a_pending_seed_stopped_with_its_culled_configuration_is_left_out(tmp_pa
 
 
 def test_an_errored_seed_that_tune_requeues_counts_again(tmp_path):
-    search = optuna_with_seeds(sweep_of(tmp_path, n=1, seeds=[0, 1]))
+    search = seeded_search(sweep_of(tmp_path, n=1, seeds=[0, 1]))
     (t0, _), (t1, _) = hand_out(search, 2)
     search.on_trial_complete(t0, error=True)  # e.g. resumed with resume_errored
     search.on_trial_result(t0, {"kimg": 1.0, "fid": 30.0, "training_iteration": 1})
@@ -167,7 +173,7 @@ def test_an_errored_seed_that_tune_requeues_counts_again(tmp_path):
 
 def test_a_configuration_waits_for_seeds_not_handed_out_yet(tmp_path):
     """max_concurrent 1: seed 0 may end before Tune asks for seed 1."""
-    search = optuna_with_seeds(sweep_of(tmp_path, n=2, seeds=[0, 1]))
+    search = seeded_search(sweep_of(tmp_path, n=2, seeds=[0, 1]))
     (t0, c0), = hand_out(search, 1)
     finish(search, t0, 10.0)
     assert told(search) == [(State.RUNNING, None)]
@@ -210,7 +216,7 @@ def test_a_restore_mid_way_continues_as_an_uninterrupted_run(tmp_path, path):
     sweep = sweep_of(tmp_path, n=3)
 
     def fresh():
-        search = optuna_with_seeds(sweep)
+        search = seeded_search(sweep)
         # what Tune wraps a Searcher in (max_concurrent_trials), and the object that saves the state
         return search, SearchGenerator(ConcurrencyLimiter(search, max_concurrent=9))
 
@@ -242,7 +248,7 @@ def test_a_restore_mid_way_continues_as_an_uninterrupted_run(tmp_path, path):
 
 def test_config_asha_waits_for_every_seed_of_an_optuna_configuration(tmp_path):
     """Tune creates an Optuna configuration's seeds one by one: ConfigASHA's default count waits for all."""
-    search = optuna_with_seeds(sweep_of(tmp_path, n=1))
+    search = seeded_search(sweep_of(tmp_path, n=1))
     s = ConfigASHA(str(tmp_path / "scheduler.json"), time_attr="kimg", max_t=4.0, grace_period=1.0,
                    reduction_factor=2.0, trial_params=trial_params, default_seeds=3)
     s.set_search_properties("fid", "min")
@@ -264,7 +270,7 @@ def test_build_scheduler_gives_config_asha_the_seed_count(tmp_path):
     from orchestrator.store.sweep_dir import SweepDir
 
     sweep = sweep_of(tmp_path)
-    scheduler = build_scheduler(sweep, SweepDir(tmp_path))
+    scheduler = build_scheduler(sweep, plan_sweep(sweep), SweepDir(tmp_path))
     assert sweep.scheduler.unit == "config"
     assert isinstance(scheduler, ConfigASHA) and scheduler.default_seeds == 3 and scheduler.expected_seeds is None
 
@@ -277,7 +283,7 @@ def test_build_tuner_uses_the_seed_searcher_and_counts_configurations_times_seed
 
     monkeypatch.setattr(tuner_module.tune, "with_parameters", lambda fn, **kwargs: fn)  # no Ray object store
     sweep = sweep_of(tmp_path, n=5)
-    built = tuner_module.build_tuner(sweep, SweepDir(tmp_path / "optseeds"), None, resume=False)
+    built = tuner_module.build_tuner(sweep, plan_sweep(sweep), SweepDir(tmp_path / "optseeds"), None, resume=False)
     config: tune.TuneConfig = built._local_tuner._tune_config
     assert isinstance(config.search_alg, SeedReplicateSearch)
     assert config.num_samples == sweep.trial_count() == 15 and config.search_alg.num_configs == 5
@@ -343,7 +349,7 @@ def test_a_real_tune_run_tells_optuna_the_seed_means(tmp_path, local_ray):
         for kimg in (1.0, 2.0):
             tune.report({"kimg": kimg, "fid": 1e4 * config["lr_d"] + 10 * config["seed"] + 5 / kimg})
 
-    search = optuna_with_seeds(sweep)
+    search = seeded_search(sweep)
     scheduler = ConfigASHA(str(tmp_path / "scheduler.json"), time_attr="kimg", max_t=2.0, grace_period=1.0,
                            reduction_factor=2.0, trial_params=trial_params, default_seeds=2)
     tuner = tune.Tuner(

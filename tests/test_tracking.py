@@ -20,6 +20,7 @@ from orchestrator.run.tracked import logged_params, tracked_result
 from orchestrator.run.tracking import tracking_callbacks
 from orchestrator.sweepfile.errors import SweepError
 from orchestrator.sweepfile.loading import load_sweep
+from orchestrator.sweepfile.plan import plan_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "sweeps" / "smoke.yaml"
@@ -139,7 +140,7 @@ def test_without_tracking_the_tuner_gets_no_logger_callback(tmp_path, monkeypatc
     for sweep, expected in ((load_sweep(SMOKE), []),
                             (load_sweep(with_tracking(tmp_path, "  wandb:\n  mlflow:\n")),
                              [WandbLoggerCallback, MLflowLoggerCallback])):
-        runner.build_tuner(sweep, SweepDir(tmp_path), dataset=None, resume=False)
+        runner.build_tuner(sweep, plan_sweep(sweep), SweepDir(tmp_path), dataset=None, resume=False)
         callbacks = built["run_config"].callbacks
         assert isinstance(callbacks[0], runner.ResultsCallback)
         assert [type(c).__mro__[1] for c in callbacks[1:]] == expected

@@ -12,10 +12,9 @@ from orchestrator.run.storage import STORAGE_FAILED_KEY
 from orchestrator.run.tune_config import trial_params
 from orchestrator.store.failures import RETRY_KEY
 from orchestrator.store.provenance import record_node
+from orchestrator.store.sweep_dir import ERROR_FILE
 from orchestrator.store.tables import EVAL_KEYS, ResultsWriter, parameter_columns, parameter_row
 from orchestrator.sweepfile.sections import Sweep
-
-ERROR_FILE = "error.txt"  # trials/<id>/error.txt: why a trial ended in error (Tune's traceback, or the reason)
 
 
 def now() -> datetime:
@@ -50,7 +49,7 @@ class ResultsCallback(tune.Callback):
         self.param_rows: dict[str, tuple[dict, dict]] = {}
 
     def setup(self, **info):
-        self.writer = ResultsWriter(Path(self.sweep_dir), self.sweep.name, parameter_columns(self.sweep))
+        self.writer = ResultsWriter(Path(self.sweep_dir), self.sweep.name, parameter_columns(self.sweep.swept_names()))
         self.nodes_seen = set()
         self.param_rows = {}  # trial -> (its parameters, their columns): parameter_row validates a whole config
         self.notes: dict[str, str] = {}  # trial -> how it was resumed (orchestrator.run.restore), once it ends

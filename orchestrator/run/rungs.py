@@ -1,6 +1,6 @@
 """ASHA's rungs: where Ray Tune's ASHA (one bracket) records a trial's metric and may stop it.
 
-Ray-free, so that `--dry-run --estimate` (orchestrator.workflow.estimate) and the schedulers share one rule.
+Ray-free, so that `--dry-run --estimate`, the schedulers and the confirm stage's selection share one rule.
 """
 from __future__ import annotations
 

@@ -55,16 +55,16 @@ class SeedlessSpace:
         return self.sweep.optuna_space(trial)
 
 
-def optuna_with_seeds(sweep: Sweep, sampler: Any = None) -> SeedReplicateSearch:
-    """The searcher of an Optuna sweep that sweeps `seed`: TPE (seeded by search_seed) over the space without
-    seed, each proposal run on every seed; `num_samples` counts configurations."""
+def optuna_with_seeds(sweep: Sweep, seeds: list[int], sampler: Any = None) -> SeedReplicateSearch:
+    """The searcher of an Optuna sweep that sweeps `seed` (`seeds`: its values): TPE (seeded by search_seed)
+    over the space without seed, each proposal run on every seed; `num_samples` counts configurations."""
     from optuna.samplers import TPESampler
 
     from orchestrator.run.search import PolicyOptunaSearch
 
     inner = PolicyOptunaSearch(space=SeedlessSpace(sweep), metric=sweep.metric.name, mode=sweep.metric.mode,
                                sampler=sampler or TPESampler(seed=sweep.search_seed))
-    return SeedReplicateSearch(inner, seeds=sweep.seed_values() or [], num_configs=sweep.num_samples or 1)
+    return SeedReplicateSearch(inner, seeds=seeds, num_configs=sweep.num_samples or 1)
 
 
 class SeedReplicateSearch(Searcher):

@@ -27,32 +27,11 @@ from orchestrator.run.trainable import (
 )
 from orchestrator.run.tune_config import trial_params
 from orchestrator.store.sweep_dir import SweepDir
-from orchestrator.sweepfile.errors import SweepError
+from orchestrator.sweepfile.plan import SweepPlan
 from orchestrator.sweepfile.sections import Sweep
 
-# Tuner.restore reuses the TuneConfig and RunConfig saved when the sweep started: edits of these on
-# --resume would be silently ignored, so they are refused instead.
-FIXED_ON_RESUME = ("max_concurrent", "max_failures")
 
-
-def check_resume_settings(sweep: Sweep, sweep_dir: SweepDir) -> None:
-    """Refuse a --resume whose sweep file changed a setting that Ray Tune's saved state fixes."""
-    import yaml
-
-    # sweep.yaml is the file as given when the sweep started (a --resume never rewrites it).
-    started = yaml.safe_load((sweep_dir.path / "sweep.yaml").read_text()) or {}
-    for key in FIXED_ON_RESUME:
-        before = started.get(key, Sweep.model_fields[key].default)
-        now_ = getattr(sweep, key)
-        if before != now_:
-            raise SweepError(
-                sweep.source_path, key,
-                f"{now_} differs from {before}, the value the sweep started with; --resume keeps Ray Tune's "
-                f"saved setting, so set it back to {before} (or start a fresh sweep under another --results)",
-            )
-
-
-def build_scheduler(sweep: Sweep, sweep_dir: SweepDir):
+def build_scheduler(sweep: Sweep, plan: SweepPlan, sweep_dir: SweepDir):
     """FIFO, or ASHA per trial or per configuration; both ASHAs keep their rungs in the sweep directory
     so that --resume makes the decisions an uninterrupted run would."""
     s = sweep.scheduler
@@ -63,8 +42,8 @@ def build_scheduler(sweep: Sweep, sweep_dir: SweepDir):
         # A decision waits for every seed the expansion gives a configuration, created by Tune or not yet;
         # Optuna's configurations are proposed at run time, each on every swept seed (run.seed_search).
         optuna = sweep.method == "optuna"
-        expected = expected_seeds(sweep.trials()) if not optuna else None
-        seeds = sweep.seed_values() if optuna else None
+        expected = expected_seeds(plan.trials) if not optuna else None
+        seeds = plan.seeds if optuna else None
         return ConfigASHA(state_file, time_attr="kimg", max_t=s.max_t, grace_period=s.grace_period,
                           reduction_factor=s.reduction_factor, trial_params=trial_params, expected_seeds=expected,
                           default_seeds=len(seeds) if seeds else None)
@@ -81,6 +60,7 @@ def tune_location(sweep: Sweep, sweep_dir: SweepDir, storage: str | None) -> tup
 
 def build_tuner(
     sweep: Sweep,
+    plan: SweepPlan,
     sweep_dir: SweepDir,
     dataset: PreparedDataset,
     *,
@@ -97,7 +77,7 @@ def build_tuner(
         {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu},
     )
     storage_path, experiment = tune_location(sweep, sweep_dir, storage)
-    if resume:  # sweep_run checked first that the file keeps what Tune restores (check_resume_settings)
+    if resume:  # the claim checked first that the file keeps what Tune restores (FIXED_ON_RESUME)
         # Tune's experiment state is pickled: restore only from the user's own results directory
         # (or the storage its sweep started with, recorded in it).
         return tune.Tuner.restore(
@@ -105,7 +85,7 @@ def build_tuner(
         )
 
     metric, mode = sweep.metric.name, sweep.metric.mode
-    scheduler = build_scheduler(sweep, sweep_dir)
+    scheduler = build_scheduler(sweep, plan, sweep_dir)
     search_alg = None
     if sweep.method == "optuna":
         import optuna
@@ -114,19 +94,18 @@ def build_tuner(
         from orchestrator.run.search import PolicyOptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the live table shows the trials
-        seeds = sweep.seed_values()
-        if seeds is None:
+        if plan.seeds is None:
             search_alg = PolicyOptunaSearch(
                 space=sweep.optuna_space, metric=metric, mode=mode, sampler=TPESampler(seed=sweep.search_seed)
             )
         else:  # Optuna searches configurations; each runs on every seed and is told the seed mean
             from orchestrator.run.seed_search import optuna_with_seeds
 
-            search_alg = optuna_with_seeds(sweep)
+            search_alg = optuna_with_seeds(sweep, plan.seeds)
         param_space: dict[str, Any] = {}
-        num_samples = sweep.trial_count()  # num_samples configurations x the swept seeds
+        num_samples = plan.total  # num_samples configurations x the swept seeds
     else:
-        param_space = {"params": tune.grid_search(sweep.trials())}
+        param_space = {"params": tune.grid_search(plan.trials)}
         num_samples = 1
     shares_gpu = 0 < sweep.resources.gpu < 1
     tune_config = tune.TuneConfig(

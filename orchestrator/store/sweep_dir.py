@@ -7,7 +7,8 @@
                           a directory)
     evaluations.parquet   one row per evaluation
     trials.parquet        one row per trial
-    trials/<trial_id>/    each trial's options.json, stats.jsonl, sample grids, latest checkpoint
+    trials/<trial_id>/    each trial's options.json, stats.jsonl, sample grids, latest checkpoint; error.txt when it
+                          ended in error
     tune/                 Ray Tune's experiment state and persisted checkpoints (for --resume)
 """
 
@@ -18,7 +19,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.sweepfile.errors import SweepError
 from orchestrator.sweepfile.sections import Sweep
+
+ERROR_FILE = "error.txt"  # trials/<id>/error.txt: why a trial ended in error (Tune's traceback, or the reason)
 
 
 class SweepDirError(RuntimeError):
@@ -45,7 +49,11 @@ class SweepDir:
         return self.path / ".lock"
 
     @classmethod
-    def claim(cls, sweep: Sweep, results_root: Path, *, resume: bool) -> SweepDir:
+    def claim(
+        cls, sweep: Sweep, results_root: Path, *, resume: bool, fixed_on_resume: tuple[str, ...] = ()
+    ) -> SweepDir:
+        """This driver's directory for the sweep; `fixed_on_resume`: settings a --resume must keep as the sweep
+        started (a SweepError names the first one that changed)."""
         path = (results_root / sweep.name).resolve()
         fingerprint_file = path / "fingerprint"
         if resume and not fingerprint_file.exists():
@@ -58,6 +66,8 @@ class SweepDir:
             sweep_dir._lock()
             try:
                 sweep_dir._check_or_write_fingerprint(sweep, resume=resume)
+                if resume:
+                    sweep_dir._check_unchanged(sweep, fixed_on_resume)
             except BaseException:
                 sweep_dir.release()
                 raise
@@ -88,6 +98,21 @@ class SweepDir:
         tmp = self.path / ".fingerprint.tmp"
         tmp.write_text(sweep.fingerprint() + "\n")
         os.replace(tmp, fingerprint_file)
+
+    def _check_unchanged(self, sweep: Sweep, keys: tuple[str, ...]) -> None:
+        import yaml
+
+        # sweep.yaml is the file as given when the sweep started (a --resume never rewrites it).
+        started = yaml.safe_load((self.path / "sweep.yaml").read_text()) or {}
+        for key in keys:
+            before = started.get(key, Sweep.model_fields[key].default)
+            now_ = getattr(sweep, key)
+            if before != now_:
+                raise SweepError(
+                    sweep.source_path, key,
+                    f"{now_} differs from {before}, the value the sweep started with; --resume keeps Ray Tune's "
+                    f"saved setting, so set it back to {before} (or start a fresh sweep under another --results)",
+                )
 
     def _lock(self) -> None:
         """Hold an exclusive flock on .lock while this driver runs.

@@ -128,17 +128,17 @@ def parameter_types(names: Iterable[str]) -> dict[str, pa.DataType]:
     return {name: _parameter_type(fields[name].annotation) for name in names}
 
 
-def parameter_columns(sweep: Sweep) -> list[str]:
-    """Every swept parameter, plus the three every leaderboard needs, as Parquet columns."""
-    return sorted(set(sweep.swept_names()) | {"variant", "g_widths", "seed"})
+def parameter_columns(swept: Iterable[str]) -> list[str]:
+    """Every swept parameter (`Sweep.swept_names`), plus the three every leaderboard needs, as Parquet columns."""
+    return sorted(set(swept) | {"variant", "g_widths", "seed"})
 
 
 def parameter_row(sweep: Sweep, params: dict[str, Any]) -> dict[str, Any]:
     """A trial's parameter columns; a conditional parameter that does not apply is null."""
     cfg = sweep.trial_config(params)
     row = {}
-    swept = set(sweep.swept_names())
-    for name in parameter_columns(sweep):
+    swept = sweep.swept_names()
+    for name in parameter_columns(swept):
         if name in swept:
             value = params.get(name)
         else:

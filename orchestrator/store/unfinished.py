@@ -12,28 +12,29 @@ from pathlib import Path
 
 from orchestrator.store.failures import ENDED  # every status not in ENDED is unfinished
 from orchestrator.store.tables import EVAL_KEYS, ResultsWriter, parameter_columns, parameter_row
+from orchestrator.sweepfile.plan import SweepPlan
 from orchestrator.sweepfile.sections import Sweep
 
 # trial_id of a row that stands for a grid trial Tune had not created when the sweep was interrupted.
 PLACEHOLDER_PREFIX = "pending-"
 
 
-def open_writer(sweep: Sweep, sweep_dir: Path) -> ResultsWriter:
+def open_writer(plan: SweepPlan, sweep_dir: Path) -> ResultsWriter:
     """The sweep's tables, to continue them (ResultsWriter reads what is on disk)."""
-    return ResultsWriter(sweep_dir, sweep.name, parameter_columns(sweep))
+    return ResultsWriter(sweep_dir, plan.name, parameter_columns(plan.swept))
 
 
-def record_unfinished(sweep: Sweep, writer: ResultsWriter) -> tuple[int, int]:
+def record_unfinished(sweep: Sweep, plan: SweepPlan, writer: ResultsWriter) -> int:
     """After Tune returned: trials it left running become `interrupted`, and every grid/random trial
     without a row gets a `pending` placeholder row (Optuna trials never proposed do not exist).
-    Returns (unfinished trials, trials of the sweep)."""
+    Returns how many trials of the sweep are unfinished."""
     for trial_id, row in list(writer.trials.items()):
         if row.get("status") == "running":
             writer.update_trial(trial_id, status="interrupted")
-    if sweep.method != "optuna":
-        columns = parameter_columns(sweep)
+    if plan.trials is not None:
+        columns = parameter_columns(plan.swept)
         listed = Counter(tuple(row.get(c) for c in columns) for row in writer.trials.values())
-        for index, params in enumerate(sweep.trials()):
+        for index, params in enumerate(plan.trials):
             row = parameter_row(sweep, params)
             key = tuple(row[c] for c in columns)
             if listed[key] > 0:  # a multiset: repeats of one configuration have equal parameter columns
@@ -48,27 +49,27 @@ def record_unfinished(sweep: Sweep, writer: ResultsWriter) -> tuple[int, int]:
                 kimg_budget=float(sweep.train.kimg),
             )
     ended = sum(row.get("status") in ENDED for row in writer.trials.values())
-    total = sweep.trial_count()
-    return max(total - ended, 0), total
+    return max(plan.total - ended, 0)
 
 
-def forget_placeholders(sweep: Sweep, sweep_dir: Path) -> None:
+def forget_placeholders(plan: SweepPlan, sweep_dir: Path) -> None:
     """Before --resume hands the sweep to Tune: the placeholder rows go (Tune adds those trials under their
     real ids)."""
-    writer = open_writer(sweep, sweep_dir)
+    writer = open_writer(plan, sweep_dir)
     writer.drop_trials([t for t in writer.trials if t.startswith(PLACEHOLDER_PREFIX)])
     writer.close()
 
 
-def repair_tables(sweep: Sweep, sweep_dir: Path) -> None:
+def repair_tables(plan: SweepPlan, sweep_dir: Path) -> None:
     """Before --resume: compact what a killed driver left in part files, and add the evaluations that a trial
     wrote to its `stats.jsonl` but the driver never recorded (it died between the two)."""
-    writer = open_writer(sweep, sweep_dir)
+    writer = open_writer(plan, sweep_dir)
+    columns = parameter_columns(plan.swept)
     for trial_id, row in list(writer.trials.items()):
         stats = Path(row.get("run_dir") or sweep_dir / "trials" / trial_id) / "stats.jsonl"
         for evaluation in read_stats(stats):
             if round(float(evaluation["kimg"]), 6) not in writer.recorded_kimgs(trial_id):
-                params = {c: row.get(c) for c in parameter_columns(sweep)}
+                params = {c: row.get(c) for c in columns}
                 writer.add_evaluation({"trial_id": trial_id, **params,
                                        **{k: evaluation.get(k) for k in EVAL_KEYS if k in evaluation},
                                        "data_source": row.get("data_source"), "node": row.get("node"),

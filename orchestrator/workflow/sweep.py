@@ -21,11 +21,13 @@ from orchestrator.run.storage import normalise as storage_uri
 from orchestrator.run.storage import record as record_storage
 from orchestrator.run.storage import resolve as storage_for_run
 from orchestrator.run.tracking import check_trackers
+from orchestrator.run.tune_config import FIXED_ON_RESUME
 from orchestrator.store.failures import DIVERGED, ERROR
 from orchestrator.store.provenance import record_provenance
-from orchestrator.store.sweep_dir import SweepDir, delete_checkpoints
+from orchestrator.store.sweep_dir import ERROR_FILE, SweepDir, delete_checkpoints
 from orchestrator.store.tables import compact, parameter_columns
 from orchestrator.store.unfinished import forget_placeholders, open_writer, record_unfinished, repair_tables
+from orchestrator.sweepfile.plan import plan_sweep
 from orchestrator.sweepfile.sections import Sweep
 
 
@@ -57,7 +59,11 @@ def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool,
               storage: str | None = None, on_claimed: Callable[[Path], None] | None = None) -> Path:
     """Run the sweep to its end and print `done:`; raise SweepInterrupted if any trial is unfinished, and
     StorageError if a node could not use the storage (before any trial; SweepHalted in a trial: resumable).
-    `on_claimed(directory)` runs once the sweep's directory is this driver's (a confirm stage's selection)."""
+    `on_claimed(directory)` runs once the sweep's directory is this driver's (a confirm stage's selection).
+
+    The steps go down the layers once: the trackers (run), the sweep's expansion (sweepfile), the data (gan),
+    the directory and its tables (store), Tune (run), then the tables again: compacted, unfinished trials marked.
+    """
     check_results(results, address)  # a --results that vanishes with the driver's node: refused before anything
     storage = storage_uri(storage) if storage is not None else None  # a bad --storage creates nothing
     with StopSignals() as stop:
@@ -65,121 +71,104 @@ def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool,
             # Built once per sweep (trials receive it through Ray's object store), and before the results
             # directory is claimed: a folder without usable images leaves no half-made sweep behind.
             check_trackers(sweep)  # tracking: W&B's API key, MLflow's store (one line if refused)
-            dataset = prepare_dataset(sweep.trial_config({}).data)
-            sweep_dir = SweepDir.claim(sweep, results, resume=resume)
+            plan = plan_sweep(sweep)
+            dataset = prepare_dataset(plan.data)
+            sweep_dir = SweepDir.claim(sweep, results, resume=resume, fixed_on_resume=FIXED_ON_RESUME)
         except KeyboardInterrupt:
-            raise SweepInterrupted(
-                stop.signum or signal.SIGINT, sweep.trial_count(), sweep.trial_count(), resume
-            ) from None
+            total = sweep.trial_count()
+            raise SweepInterrupted(stop.signum or signal.SIGINT, total, total, resume) from None
         try:
             if on_claimed is not None:
                 on_claimed(sweep_dir.path)
-            return _run(
-                sweep,
-                sweep_dir,
-                dataset,
-                results,
-                address=address,
-                resume=resume,
-                console=console,
-                stop=stop,
-                storage=storage,
+            # A --resume keeps the storage its sweep started with (refused here if another is given).
+            storage = storage_for_run(storage, sweep_dir.tune_path, resume)
+            # Then the tables: repaired after a killed driver, the run's provenance recorded, and the placeholders
+            # of never-created trials dropped (Tune adds them under their real ids; they come back below if this
+            # run stops before Tune does).
+            columns = parameter_columns(plan.swept)
+            if resume:
+                repair_tables(plan, sweep_dir.path)  # parts a killed driver left, evaluations only stats.jsonl holds
+            for line in record_provenance(sweep, sweep_dir.path, dataset, resume=resume):
+                console.print(f"[yellow]warning:[/] {line}")
+            if resume:
+                forget_placeholders(plan, sweep_dir.path)
+            summary = dataset.summary()
+            if dataset.source == "synthetic":
+                console.print(
+                    f"[yellow]data:[/] no dataset given: using {summary['images_kept']} procedurally generated "
+                    "faces (pass --data DIR for real images)"
+                )
+            else:
+                console.print(f"data: {dataset.source}: {summary}")
+
+            from orchestrator.run.ray_start import start_ray  # Ray: once the directory is ours
+            from orchestrator.run.tuner import build_tuner
+
+            live = None
+            failed: Exception | None = None
+            halt.reset()
+            try:
+                dashboard = start_ray(address)
+                stop.install()  # ray.init replaced our SIGTERM handler with its own (sys.exit)
+                console.print(f"Ray dashboard: {dashboard}" if dashboard else "Ray dashboard: not available")
+                console.print(f"results: {sweep_dir.path}")
+                # Every node that can run a trial can use the storage, before any trial (waiting for one if none
+                # can yet).
+                shared = preflight(sweep_dir.path, storage, sweep.name, cpu=sweep.resources.cpu,
+                                   gpu=sweep.resources.gpu, joined=address is not None,
+                                   note=lambda line: console.print(line, highlight=False))
+                if storage is not None and not resume:
+                    record_storage(storage, sweep_dir.tune_path)
+                live = LiveView(f"sweep {sweep.name}", [c for c in columns if c != "g_widths"] + ["g_widths"])
+                tuner = build_tuner(sweep, plan, sweep_dir, dataset, resume=resume, live=live, storage=storage,
+                                    shared=shared)
+                tuner.fit()
+            except KeyboardInterrupt:  # a second signal, or the first one before Tune ran
+                stop.signum = stop.signum or signal.SIGINT
+            except Exception as exc:  # refused storage, Tune failing to start: the tables are finished first
+                failed = exc
+            finally:
+                if live is not None:
+                    live.stop()
+                compact(sweep_dir.path)  # on every exit the driver survives: the documented tables, whole
+            console.print()  # the live table's last line has no newline; the closing line starts its own
+
+            resumable = sweep_dir.tune_path.exists()
+            writer = open_writer(plan, sweep_dir.path)
+            unfinished = record_unfinished(sweep, plan, writer) if resumable else plan.total
+            if not unfinished:  # the sweep has ended: keep_checkpoints decides which checkpoints stay
+                for trial_id in delete_checkpoints(list(writer.trials.values()), sweep.keep_checkpoints):
+                    writer.update_trial(trial_id, checkpoint_path=None)
+            writer.close()
+            if failed is not None:
+                raise failed
+            if halt.reason() and resumable:  # a node could not use the storage: stopped, never retried as a crash
+                raise SweepHalted(halt.reason(), unfinished, plan.total)
+            if unfinished:
+                raise SweepInterrupted(stop.signum, unfinished, plan.total, resumable)
+            rows = list(writer.trials.values())
+            errored = sorted((r for r in rows if r.get("status") == ERROR), key=lambda r: r["trial_id"])
+            diverged = sum(r.get("status") == DIVERGED for r in rows)
+            if not errored:
+                counts = f"{plan.total} trials" + (f", {diverged} diverged" if diverged else "")
+                rank = f"rank with `orchestrator leaderboard --results {results} --sweep {sweep.name}`"
+                console.print(f"done: {counts}: {sweep_dir.path / 'trials.parquet'}; {rank}")
+                return sweep_dir.path
+            console.print(
+                f"done with errors: {len(errored)} of {plan.total} trials ended in error"
+                + (f" ({diverged} diverged)" if diverged else "")
+                + f": {sweep_dir.path / 'trials.parquet'}"
             )
+            for row in errored:
+                params = " ".join(f"{c}={row.get(c)}" for c in columns if row.get(c) is not None)
+                reason = (row.get("reason") or "").strip().splitlines()
+                error_file = sweep_dir.path / "trials" / row["trial_id"] / ERROR_FILE
+                console.print(
+                    f"  {row['trial_id']} {params}: {reason[-1] if reason else 'no reason recorded'} ({error_file})",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,  # one line per trial, however long its reason
+                )
+            raise SweepErrors(len(errored), plan.total)
         finally:
             sweep_dir.release()
-
-
-def _run(
-    sweep: Sweep,
-    sweep_dir: SweepDir,
-    dataset,
-    results: Path,
-    *,
-    address: str | None,
-    resume: bool,
-    console: Console,
-    stop: StopSignals,
-    storage: str | None = None,
-) -> Path:
-    from orchestrator.run.ray_start import start_ray  # Ray: once the directory is ours
-    from orchestrator.run.tuner import build_tuner, check_resume_settings
-
-    if resume:
-        check_resume_settings(sweep, sweep_dir)
-        repair_tables(sweep, sweep_dir.path)  # parts a killed driver left, and evaluations only stats.jsonl holds
-    storage = storage_for_run(storage, sweep_dir.tune_path, resume)
-    for line in record_provenance(sweep, sweep_dir.path, dataset, resume=resume):
-        console.print(f"[yellow]warning:[/] {line}")
-
-    summary = dataset.summary()
-    if dataset.source == "synthetic":
-        console.print(
-            f"[yellow]data:[/] no dataset given: using {summary['images_kept']} procedurally generated "
-            "faces (pass --data DIR for real images)"
-        )
-    else:
-        console.print(f"data: {dataset.source}: {summary}")
-    live = None
-    halt.reset()
-    try:
-        dashboard = start_ray(address)
-        stop.install()  # ray.init replaced our SIGTERM handler with its own (sys.exit)
-        console.print(f"Ray dashboard: {dashboard}" if dashboard else "Ray dashboard: not available")
-        console.print(f"results: {sweep_dir.path}")
-        # Every node that can run a trial can use the storage, before any trial (waiting for one if none can yet).
-        shared = preflight(sweep_dir.path, storage, sweep.name, cpu=sweep.resources.cpu, gpu=sweep.resources.gpu,
-                           joined=address is not None, note=lambda line: console.print(line, highlight=False))
-        if storage is not None and not resume:
-            record_storage(storage, sweep_dir.tune_path)
-        if resume:
-            forget_placeholders(sweep, sweep_dir.path)  # Tune adds those trials under their real ids
-        live = LiveView(f"sweep {sweep.name}", [c for c in parameter_columns(sweep) if c != "g_widths"] + ["g_widths"])
-        tuner = build_tuner(sweep, sweep_dir, dataset, resume=resume, live=live, storage=storage, shared=shared)
-        tuner.fit()
-    except KeyboardInterrupt:  # a second signal, or the first one before Tune ran
-        stop.signum = stop.signum or signal.SIGINT
-    finally:
-        if live is not None:
-            live.stop()
-        compact(sweep_dir.path)  # on every exit the driver survives: the documented tables, whole
-    console.print()  # the live table's last line has no newline; the closing line starts its own
-    resumable = sweep_dir.tune_path.exists()
-    writer = open_writer(sweep, sweep_dir.path)
-    if resumable:
-        unfinished, total = record_unfinished(sweep, writer)
-    else:
-        unfinished = total = sweep.trial_count()
-    if not unfinished:  # the sweep has ended: keep_checkpoints decides which checkpoints stay
-        for trial_id in delete_checkpoints(list(writer.trials.values()), sweep.keep_checkpoints):
-            writer.update_trial(trial_id, checkpoint_path=None)
-    writer.close()
-    if halt.reason() and resumable:  # a node could not use the storage: stopped, never retried as a crash
-        raise SweepHalted(halt.reason(), unfinished, total)
-    if unfinished:
-        raise SweepInterrupted(stop.signum, unfinished, total, resumable)
-    rows = list(writer.trials.values())
-    errored = sorted((r for r in rows if r.get("status") == ERROR), key=lambda r: r["trial_id"])
-    diverged = sum(r.get("status") == DIVERGED for r in rows)
-    counts = f"{total} trials" + (f", {diverged} diverged" if diverged else "")
-    rank = f"rank with `orchestrator leaderboard --results {results} --sweep {sweep.name}`"
-    if not errored:
-        console.print(f"done: {counts}: {sweep_dir.path / 'trials.parquet'}; {rank}")
-        return sweep_dir.path
-    console.print(
-        f"done with errors: {len(errored)} of {total} trials ended in error"
-        + (f" ({diverged} diverged)" if diverged else "")
-        + f": {sweep_dir.path / 'trials.parquet'}"
-    )
-    from orchestrator.run.callbacks import ERROR_FILE
-
-    for row in errored:
-        params = " ".join(f"{c}={row.get(c)}" for c in parameter_columns(sweep) if row.get(c) is not None)
-        reason = (row.get("reason") or "").strip().splitlines()
-        error_file = sweep_dir.path / "trials" / row["trial_id"] / ERROR_FILE
-        console.print(
-            f"  {row['trial_id']} {params}: {reason[-1] if reason else 'no reason recorded'} ({error_file})",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,  # one line per trial, however long its reason
-        )
-    raise SweepErrors(len(errored), total)
