@@ -52,17 +52,11 @@ def record_unfinished(sweep: Sweep, plan: SweepPlan, writer: ResultsWriter) -> i
     return max(plan.total - ended, 0)
 
 
-def forget_placeholders(plan: SweepPlan, sweep_dir: Path) -> None:
-    """Before --resume hands the sweep to Tune: the placeholder rows go (Tune adds those trials under their
-    real ids)."""
-    writer = open_writer(plan, sweep_dir)
-    writer.drop_trials([t for t in writer.trials if t.startswith(PLACEHOLDER_PREFIX)])
-    writer.close()
-
-
-def repair_tables(plan: SweepPlan, sweep_dir: Path) -> None:
-    """Before --resume: compact what a killed driver left in part files, and add the evaluations that a trial
-    wrote to its `stats.jsonl` but the driver never recorded (it died between the two)."""
+def ready_to_resume(plan: SweepPlan, sweep_dir: Path) -> None:
+    """Before --resume hands the sweep to Tune, in one pass over the tables: what a killed driver left in part
+    files is compacted, the evaluations a trial wrote to its `stats.jsonl` but the driver never recorded (it
+    died between the two) are added, and the placeholder rows go (Tune adds those trials under their real ids;
+    `record_unfinished` puts back the ones it does not create)."""
     writer = open_writer(plan, sweep_dir)
     columns = parameter_columns(plan.swept)
     for trial_id, row in list(writer.trials.items()):
@@ -74,6 +68,7 @@ def repair_tables(plan: SweepPlan, sweep_dir: Path) -> None:
                                        **{k: evaluation.get(k) for k in EVAL_KEYS if k in evaluation},
                                        "data_source": row.get("data_source"), "node": row.get("node"),
                                        "device_used": row.get("device_used")})
+    writer.drop_trials([t for t in writer.trials if t.startswith(PLACEHOLDER_PREFIX)])
     writer.close()
 
 

@@ -26,7 +26,7 @@ from orchestrator.store.failures import DIVERGED, ERROR
 from orchestrator.store.provenance import record_provenance
 from orchestrator.store.sweep_dir import ERROR_FILE, SweepDir, delete_checkpoints
 from orchestrator.store.tables import compact, parameter_columns
-from orchestrator.store.unfinished import forget_placeholders, open_writer, record_unfinished, repair_tables
+from orchestrator.store.unfinished import open_writer, ready_to_resume, record_unfinished
 from orchestrator.sweepfile.plan import plan_sweep
 from orchestrator.sweepfile.sections import Sweep
 
@@ -82,16 +82,13 @@ def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool,
                 on_claimed(sweep_dir.path)
             # A --resume keeps the storage its sweep started with (refused here if another is given).
             storage = storage_for_run(storage, sweep_dir.tune_path, resume)
-            # Then the tables: repaired after a killed driver, the run's provenance recorded, and the placeholders
-            # of never-created trials dropped (Tune adds them under their real ids; they come back below if this
-            # run stops before Tune does).
+            # Then the tables: after a killed driver, repaired and rid of the placeholders of never-created trials
+            # (they come back below if this run stops before Tune creates them); the run's provenance recorded.
             columns = parameter_columns(plan.swept)
             if resume:
-                repair_tables(plan, sweep_dir.path)  # parts a killed driver left, evaluations only stats.jsonl holds
+                ready_to_resume(plan, sweep_dir.path)
             for line in record_provenance(sweep, sweep_dir.path, dataset, resume=resume):
                 console.print(f"[yellow]warning:[/] {line}")
-            if resume:
-                forget_placeholders(plan, sweep_dir.path)
             summary = dataset.summary()
             if dataset.source == "synthetic":
                 console.print(
@@ -146,29 +143,38 @@ def run_sweep(sweep: Sweep, results: Path, *, address: str | None, resume: bool,
                 raise SweepHalted(halt.reason(), unfinished, plan.total)
             if unfinished:
                 raise SweepInterrupted(stop.signum, unfinished, plan.total, resumable)
-            rows = list(writer.trials.values())
-            errored = sorted((r for r in rows if r.get("status") == ERROR), key=lambda r: r["trial_id"])
-            diverged = sum(r.get("status") == DIVERGED for r in rows)
-            if not errored:
-                counts = f"{plan.total} trials" + (f", {diverged} diverged" if diverged else "")
-                rank = f"rank with `orchestrator leaderboard --results {results} --sweep {sweep.name}`"
-                console.print(f"done: {counts}: {sweep_dir.path / 'trials.parquet'}; {rank}")
-                return sweep_dir.path
-            console.print(
-                f"done with errors: {len(errored)} of {plan.total} trials ended in error"
-                + (f" ({diverged} diverged)" if diverged else "")
-                + f": {sweep_dir.path / 'trials.parquet'}"
-            )
-            for row in errored:
-                params = " ".join(f"{c}={row.get(c)}" for c in columns if row.get(c) is not None)
-                reason = (row.get("reason") or "").strip().splitlines()
-                error_file = sweep_dir.path / "trials" / row["trial_id"] / ERROR_FILE
-                console.print(
-                    f"  {row['trial_id']} {params}: {reason[-1] if reason else 'no reason recorded'} ({error_file})",
-                    markup=False,
-                    highlight=False,
-                    soft_wrap=True,  # one line per trial, however long its reason
-                )
-            raise SweepErrors(len(errored), plan.total)
+            errored = say_how_it_ended(console, list(writer.trials.values()), columns, sweep_dir.path, plan.total,
+                                       f"orchestrator leaderboard --results {results} --sweep {sweep.name}")
+            if errored:
+                raise SweepErrors(errored, plan.total)
+            return sweep_dir.path
         finally:
             sweep_dir.release()
+
+
+def say_how_it_ended(console: Console, rows: list[dict], columns: list[str], sweep_dir: Path, total: int,
+                     rank: str) -> int:
+    """The closing line of a sweep whose trials all ended (`done:`), and one line per trial that ended in error,
+    with its parameters, the last line of its reason and where the whole reason is. Returns how many errored."""
+    errored = sorted((r for r in rows if r.get("status") == ERROR), key=lambda r: r["trial_id"])
+    diverged = sum(r.get("status") == DIVERGED for r in rows)
+    if not errored:
+        counts = f"{total} trials" + (f", {diverged} diverged" if diverged else "")
+        console.print(f"done: {counts}: {sweep_dir / 'trials.parquet'}; rank with `{rank}`")
+        return 0
+    console.print(
+        f"done with errors: {len(errored)} of {total} trials ended in error"
+        + (f" ({diverged} diverged)" if diverged else "")
+        + f": {sweep_dir / 'trials.parquet'}"
+    )
+    for row in errored:
+        params = " ".join(f"{c}={row.get(c)}" for c in columns if row.get(c) is not None)
+        reason = (row.get("reason") or "").strip().splitlines()
+        error_file = sweep_dir / "trials" / row["trial_id"] / ERROR_FILE
+        console.print(
+            f"  {row['trial_id']} {params}: {reason[-1] if reason else 'no reason recorded'} ({error_file})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,  # one line per trial, however long its reason
+        )
+    return len(errored)
